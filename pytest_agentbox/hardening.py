@@ -1,0 +1,155 @@
+"""Root-only hardening of a fresh sandbox, run before any user code.
+
+This file is stdlib-only on purpose: the host copies it into the sandbox (a root-only
+0700 directory with an unpredictable name) and runs it there as root with
+``python3 hardening.py '<json options>'``. It prints one JSON line describing what it
+did. The host side (:func:`check`) turns that into pass, warning or a fail-closed
+:class:`~pytest_agentbox.errors.HardeningError`.
+
+Steps, in order:
+1. make sure the unprivileged user exists (create it when the image lacks one);
+2. delete sudo, su and friends, strip every setuid/setgid bit on the root file system,
+   then re-scan and report anything left;
+3. remount ``/proc`` with ``hidepid=2`` and read ``/proc/mounts`` back to verify it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+ESCALATION_TOOLS = ("sudo", "sudoedit", "su", "doas", "pkexec", "runuser", "newgrp", "sg")
+BIN_DIRS = ("/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
+SKIP_TREES = ("/proc", "/sys", "/dev")
+
+
+def _ensure_user(name: str, uid: int) -> dict:
+    taken = set()
+    with open("/etc/passwd", encoding="utf-8") as fh:
+        for line in fh:
+            parts = line.rstrip("\n").split(":")
+            if len(parts) >= 7 and parts[0] == name:
+                return {"name": name, "uid": int(parts[2]), "gid": int(parts[3]), "home": parts[5]}
+            if len(parts) >= 3 and parts[2].isdigit():
+                taken.add(int(parts[2]))
+    while uid in taken:  # e.g. "ubuntu" or "node" already holds 1000
+        uid += 1
+    home = "/home/" + name
+    # Append rather than call useradd: minimal and distroless-ish images often lack it.
+    with open("/etc/passwd", "a", encoding="utf-8") as fh:
+        fh.write(f"{name}:x:{uid}:{uid}::{home}:/bin/sh\n")
+    with open("/etc/group", "a", encoding="utf-8") as fh:
+        fh.write(f"{name}:x:{uid}:\n")
+    if os.path.exists("/etc/shadow"):
+        with open("/etc/shadow", "a", encoding="utf-8") as fh:
+            fh.write(f"{name}:!:19000::::::\n")
+    os.makedirs(home, mode=0o750, exist_ok=True)
+    os.chown(home, uid, uid)
+    return {"name": name, "uid": uid, "gid": uid, "home": home, "created": True}
+
+
+def _privileged_files() -> list:
+    """Every setuid/setgid regular file on the root file system (not following links)."""
+    root_dev = os.lstat("/").st_dev
+    found = []
+    for dirpath, dirnames, filenames in os.walk("/"):
+        if dirpath in SKIP_TREES:
+            dirnames[:] = []
+            continue
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if st.st_dev == root_dev and stat.S_ISREG(st.st_mode) and st.st_mode & 0o6000:
+                found.append(path)
+    return found
+
+
+def _strip_privileges() -> dict:
+    removed = []
+    for d in BIN_DIRS:
+        for tool in ESCALATION_TOOLS:
+            path = os.path.join(d, tool)
+            if os.path.lexists(path) and not os.path.islink(os.path.dirname(path)):
+                try:
+                    os.unlink(path)
+                    removed.append(path)
+                except OSError:
+                    pass
+    stripped, left = [], []
+    for path in _privileged_files():
+        try:
+            os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~0o6000)
+            stripped.append(path)
+        except OSError:
+            pass
+        # Read back rather than trust chmod: a read-only layer or an odd file system
+        # can leave the bit in place, and then the sandbox must not be used.
+        try:
+            if os.lstat(path).st_mode & 0o6000:
+                left.append(path)
+        except OSError:
+            pass
+    return {"removed": removed, "stripped": stripped, "left": left}
+
+
+def _hidepid() -> dict:
+    try:
+        proc = subprocess.run(["mount", "-o", "remount,hidepid=2", "/proc"], capture_output=True)
+        error = proc.stderr.decode("utf-8", "replace").strip()
+    except OSError as exc:  # no mount binary in this image
+        error = str(exc)
+    with open("/proc/mounts", encoding="utf-8") as fh:
+        opts = [line.split()[3] for line in fh if line.split()[1:2] == ["/proc"]]
+    # The kernel reports hidepid=2 as "invisible" since 5.8.
+    ok = bool(opts) and any(o in ("hidepid=2", "hidepid=invisible") for o in opts[-1].split(","))
+    return {"hidepid": ok, "hidepid_error": "" if ok else (error or "not applied")}
+
+
+def main(argv: list) -> int:
+    opts = json.loads(argv[1])
+    result = {"user": _ensure_user(opts["user"], int(opts["uid"]))}
+    result.update(_strip_privileges())
+    result.update(_hidepid())
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
+
+
+# ---- host side -------------------------------------------------------------------
+
+
+def check(result: dict, *, keys_in_use: bool) -> list[str]:
+    """Judge the in-sandbox report; returns warnings, raises when the sandbox may not be used.
+
+    Fail closed: a setuid/setgid file that could not be stripped always aborts; a
+    ``/proc`` without ``hidepid=2`` aborts when keys are in use (the key proxy's process
+    would be visible to the agent) and is only a warning otherwise.
+    """
+    from .errors import HardeningError
+
+    if result.get("left"):
+        raise HardeningError(
+            "sandbox hardening failed: setuid/setgid files remain after stripping: "
+            + ", ".join(result["left"][:10])
+            + ". Use an image whose root file system is writable."
+        )
+    if not result.get("hidepid"):
+        why = result.get("hidepid_error") or "unknown reason"
+        if keys_in_use:
+            raise HardeningError(
+                f"sandbox hardening failed closed: /proc could not be remounted with hidepid=2 "
+                f"({why}) and this sandbox would hold API keys, so it was not created. The "
+                "sandbox needs CAP_SYS_ADMIN for its root setup step and an engine that "
+                "allows the remount (no AppArmor profile denying mount)."
+            )
+        return [f"/proc is not mounted with hidepid=2 ({why}); no keys are in use, continuing"]
+    return []

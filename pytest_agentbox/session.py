@@ -1,0 +1,270 @@
+"""Per-run state behind the plugin: options, manifest, once-per-run work, statistics.
+
+Kept apart from ``plugin.py`` so that the hooks stay thin and everything here can be
+driven without pytest (``RunState.from_config`` takes any object with ``get(name)``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from . import cleanup, engine, paths
+from .errors import KeyMissing, ManifestError
+from .manifest import KNOWN_PROVIDERS, Manifest, apply_overrides, load_manifest
+from .manifest import resolve_key_routes as _routes
+from .sandbox import DEFAULT_IMAGE, Sandbox, SandboxConfig, close_all
+
+__all__ = ["DEFAULT_IMAGE", "STATS", "RunState", "close_all", "report_sections", "setup_summary"]
+
+_TEST_ONLY_OVERRIDES = ("state", "cap_add", "timeout", "image")
+
+
+@dataclass
+class Stats:
+    """What the terminal summary reports; fed from reports so it works under xdist."""
+
+    setups: list[dict[str, Any]] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    cleaned: int = 0
+
+    def add_setup(self, value: Any) -> None:
+        if isinstance(value, dict):
+            self.setups.append(value)
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        if self.setups:
+            times = [s["seconds"] for s in self.setups]
+            slow = max(self.setups, key=lambda s: s["seconds"])
+            lines.append(
+                f"agentbox: {len(times)} sandboxes created; setup median "
+                f"{statistics.median(times):.2f}s, slowest {slow['seconds']:.2f}s "
+                f"(mostly {slow['dominant']}); leaked resources cleaned: {self.cleaned}"
+            )
+        elif self.cleaned:
+            lines.append(f"agentbox: leaked resources cleaned: {self.cleaned}")
+        for hint in self.kept:
+            lines.append(f"agentbox: kept failing sandbox; step in with: {hint}")
+        return lines
+
+
+STATS = Stats()
+
+
+def setup_summary(sb: Sandbox) -> dict[str, Any]:
+    """Total setup seconds and the step that took longest (for the summary line)."""
+    steps = sb.steps or []
+    dominant = max(steps, key=lambda s: s.seconds).name if steps else "-"
+    return {"seconds": round(sum(s.seconds for s in steps), 3), "dominant": dominant}
+
+
+def _redactor(secrets_: list[str]) -> Callable[[str], str]:
+    values = sorted({s for s in secrets_ if s and len(s) >= 8}, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(v) for v in values)) if values else None
+    return (lambda text: pattern.sub("[redacted]", text)) if pattern else (lambda text: text)
+
+
+def report_sections(sandboxes: list[Sandbox]) -> list[tuple[str, str]]:
+    """Report sections for a failed test: commands, key proxy log, egress, setup steps.
+
+    Keys and session tokens are redacted from everything, including command output.
+    """
+    out: list[tuple[str, str]] = []
+    for i, sb in enumerate(sandboxes):
+        tag = f" #{i + 1}" if len(sandboxes) > 1 else ""
+        hidden = list(sb.config.keys.values()) + [
+            v for k, v in sb.env.items() if k in {r.env_var for r in sb.config.key_routes}
+        ]
+        redact = _redactor(hidden)
+        logs = sb.logs or sb.collect_logs()
+        steps = "\n".join(f"{s.name:<18} {s.seconds:7.3f}s" for s in sb.steps)
+        steps += "".join(f"\nwarning: {w}" for w in sb.warnings)
+        out.append((f"setup{tag}", f"image {sb.config.image}\n{steps}"))
+        if sb.config.egress is not None:
+            out.append((f"egress policy{tag}", sb.config.egress.describe()))
+        if sb.history:
+            cmds = [
+                f"$ {c.command}  [exit {c.exit_code}, {c.duration:.2f}s"
+                f"{', TIMED OUT' if c.timed_out else ''}]\n{_tail(c.stdout)}{_tail(c.stderr)}"
+                for c in sb.history
+            ]
+            out.append((f"commands{tag}", redact("\n".join(cmds))))
+        for title, text in logs.items():
+            out.append((f"{title}{tag}", redact(text.strip() or "(empty)")))
+        if sb.state_report:
+            out.append((f"state{tag}", sb.state_report))
+    return out
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "".join(line + "\n" for line in text.splitlines()[-lines:])
+
+
+class RunState:
+    """Options and once-per-run work for one pytest process (controller or worker)."""
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+        self.image_option: str | None = options.get("image")
+        self.keep_on_failure = bool(options.get("keep-on-failure"))
+        self.require_docker = bool(options.get("require-docker"))
+        self.strict_keys = bool(options.get("strict-keys"))
+        self.vault_path: str | None = options.get("vault")
+        self.egress_network: str = options.get("egress-network") or "bridge"
+        self.timeout = float(options.get("timeout") or 300)
+        self.run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or paths.token()
+        self._state_dir: str | None = options.get("state-dir")
+        self._cleaned = 0
+        manifest_path = options.get("manifest")
+        self.manifest_path = Path(manifest_path).resolve() if manifest_path else None
+        self.manifest: Manifest = (
+            load_manifest(self.manifest_path)
+            if self.manifest_path
+            else Manifest(name="agentbox-default")
+        )
+
+    @classmethod
+    def from_config(cls, options: Any) -> RunState:
+        return cls(options)
+
+    def header_lines(self) -> list[str]:
+        where = self.manifest_path or "none (built-in defaults)"
+        return [f"agentbox: manifest {where}; image {self.default_image}; run {self.run_id}"]
+
+    @property
+    def default_image(self) -> str:
+        return self.image_option or self.manifest.runtime.image or DEFAULT_IMAGE
+
+    @property
+    def state_dir(self) -> Path:
+        if self._state_dir:
+            return Path(self._state_dir)
+        return Path(self.options.rootpath) / self.options.cache_dir / "agentbox" / "state"
+
+    # ---- once per run, shared by xdist workers --------------------------------
+
+    def _shared_dir(self) -> Path:
+        d = Path(tempfile.gettempdir()) / f"agentbox-{os.getuid()}"
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d
+
+    def _once_per_run(self, client: Any) -> None:
+        """Remove leaked objects of dead owners, once per run, behind a file lock."""
+        if getattr(self, "_gc_done", False):
+            return
+        shared = self._shared_dir()
+        marker = shared / f"gc-{self.run_id}.done"
+        # The lock file is never unlinked: unlinking lets two holders exist at once.
+        with FileLock(str(shared / "gc.lock")):
+            if not marker.exists():
+                self._cleaned += len(cleanup.collect(client))
+                marker.touch()
+        self._gc_done = True
+
+    def take_cleaned(self) -> int:
+        n, self._cleaned = self._cleaned, 0
+        return n
+
+    # ---- fixtures' work -------------------------------------------------------
+
+    def open_vault(self, tmp_path: Path) -> Any:
+        from .vault import FileSecretStore, Vault
+
+        if self.vault_path:
+            return Vault(self.vault_path)
+        private = tmp_path / "agentbox-vault"
+        private.mkdir(mode=0o700)
+        return Vault(private / "vault.json", secret_store=FileSecretStore(private / "secret"))
+
+    def start_fake_upstream(self, extra_domains: tuple[str, ...] = ()) -> Any:
+        from .fakeupstream import FakeUpstream
+
+        client = engine.get_client()
+        self._once_per_run(client)
+        domains = [p.domain for p in KNOWN_PROVIDERS.values()]
+        domains += [r.domain for r in self.manifest.permissions.network if "*" not in r.domain]
+        domains += [k.domain for k in self.manifest.keys if k.domain]
+        domains += list(extra_domains)
+        return FakeUpstream(
+            domains, image=self.default_image, client=client, run_id=self.run_id
+        ).start()
+
+    def sandbox_config(
+        self, item: Any, overrides: Mapping[str, Any], *, vault: Any, upstream: Any = None
+    ) -> SandboxConfig:
+        """Manifest + markers + factory overrides -> a validated SandboxConfig."""
+        from .egress import compute_policy
+        from .state import StateStore
+
+        merged: dict[str, Any] = {}
+        for mark in reversed(list(item.iter_markers("agentbox"))):
+            merged.update(mark.kwargs)
+        merged.update(overrides)
+        extra_keys = [p for m in item.iter_markers("agentbox_keys") for p in m.args]
+        extra_net = [d for m in item.iter_markers("agentbox_network") for d in m.args]
+        if extra_net:
+            merged["network"] = [*list(merged.get("network") or []), *extra_net]
+        manifest, rest = apply_overrides(self.manifest, merged)
+        unknown = set(rest) - set(_TEST_ONLY_OVERRIDES)
+        if unknown:
+            raise ManifestError(
+                f"unknown sandbox override(s) {sorted(unknown)}; allowed: image, "
+                "setup_command, run_command, resources, keys, network, network_unrestricted, "
+                "state, timeout, cap_add"
+            )
+        routes = _routes(manifest, extra_keys)
+        keys = self._keys_for(routes, vault)
+        live = tuple(r for r in routes if r.provider in keys)
+        policy = compute_policy(
+            declared=[r.domain for r in manifest.permissions.network],
+            key_domains=[r.domain for r in live],
+            has_setup_command=bool(manifest.runtime.setup_command),
+            unrestricted=manifest.permissions.network_unrestricted,
+        )
+        state_key = rest.get("state")
+        config = SandboxConfig(
+            image=rest.get("image") or self.image_option or manifest.runtime.image or DEFAULT_IMAGE,
+            code_dir=self.manifest_path.parent if self.manifest_path else None,
+            setup_command=manifest.runtime.setup_command,
+            resources=manifest.runtime.resources,
+            key_routes=live,
+            keys=keys,
+            egress=policy,
+            egress_network=upstream.network_name if upstream is not None else self.egress_network,
+            extra_ca_pem=upstream.ca_pem if upstream is not None else None,
+            state_scope=f"{manifest.name}/{state_key}" if state_key else None,
+            state_store=StateStore(self.state_dir) if state_key else None,
+            timeout=float(rest.get("timeout") or self.timeout),
+            run_id=self.run_id,
+        )
+        if "cap_add" in rest:
+            config.cap_add = tuple(rest["cap_add"])
+        return config
+
+    def _keys_for(self, routes: list[Any], vault: Any) -> dict[str, str]:
+        """Decrypt only the keys this sandbox needs; a missing required key is KeyMissing."""
+        keys: dict[str, str] = {}
+        for r in routes:
+            if vault.has(r.provider):
+                keys[r.provider] = vault.get(r.provider)
+            elif r.required:
+                raise KeyMissing(
+                    f"key {r.provider!r} is required but not in the vault ({vault.path}); "
+                    f"add it with `agentbox keys add {r.provider}` (reads the key from stdin), "
+                    f"or `vault.add({r.provider!r}, key)` in the test"
+                )
+        return keys
+
+    def create_sandbox(self, config: SandboxConfig, on_created: Callable[[Sandbox], None]) -> Any:
+        client = engine.get_client()
+        self._once_per_run(client)
+        return Sandbox.create(config, client, on_created=on_created)

@@ -1,0 +1,72 @@
+"""The egress sidecar: a container that runs ``egressproxy.py serve`` for one sandbox.
+
+The sandbox has no network of its own. It shares only a Docker volume with this
+sidecar, holding a root-only Unix socket; the sidecar is the one attached to a network
+and it checks every requested host name against the allowlist before connecting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import engine, paths
+from .errors import EgressError
+
+SOCKET_DIR = "/run/egress"
+DECISIONS_LOG = "/var/log/agentbox-egress.jsonl"
+
+
+def start(client: Any, config: Any, owner: paths.Owner) -> tuple[Any, Any]:
+    """Create the shared volume and start the sidecar; returns (volume, container)."""
+    labels = owner.labels("egress")
+    volume = client.volumes.create(name=paths.unique_name("egress"), labels=labels)
+    try:
+        sidecar = client.containers.create(
+            config.image,
+            command=["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600; done"],
+            name=paths.unique_name("egress"),
+            user="0",
+            init=True,
+            labels=labels,
+            network=config.egress_network,
+            volumes={volume.name: {"bind": SOCKET_DIR, "mode": "rw"}},
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            mem_limit="256m",
+            pids_limit=256,
+            detach=True,
+        )
+    except Exception:
+        volume.remove(force=True)
+        raise
+    try:
+        script = (Path(__file__).parent / "egressproxy.py").read_bytes()
+        sidecar.put_archive("/", engine.tar_bytes([("opt/agentbox/egressproxy.py", script, 0o700)]))
+        sidecar.start()
+        _serve(client, sidecar, config.egress)
+    except BaseException:
+        sidecar.remove(force=True)
+        volume.remove(force=True)
+        raise
+    return volume, sidecar
+
+
+def _serve(client: Any, sidecar: Any, policy: Any) -> None:
+    config = {
+        "listen_unix": f"{SOCKET_DIR}/egress.sock",
+        "listen_tcp": None,
+        "allow": list(policy.allowlist()),
+        "ports": [80, 443],
+        "log_path": DECISIONS_LOG,
+        "socket_mode": 0o600,
+    }
+    cmd = ["python3", "/opt/agentbox/egressproxy.py", "serve"]
+    if not engine.start_daemon(client, sidecar.id, cmd, config):
+        raise EgressError("the egress proxy sidecar did not start (no ready line)")
+
+
+def decisions(client: Any, sidecar: Any) -> str:
+    """The sidecar's decision log (host, port, allowed or refused, bytes), as JSON lines."""
+    out = engine.exec_run(client, sidecar.id, ["cat", DECISIONS_LOG], user="0")
+    return out.stdout.decode(errors="replace")
