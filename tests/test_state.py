@@ -1,0 +1,706 @@
+"""Tests of the state filter, the safe extractor and the atomic state store.
+
+Every archive here is crafted with tarfile in the test; no Docker is involved.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+import tracemalloc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pytest_agentbox.errors import StateError
+from pytest_agentbox.state import (
+    ALLOWED_DIRS,
+    MAX_LISTED_DROPS,
+    ChunkReader,
+    FilterReport,
+    Limits,
+    StateStore,
+    clean_tar,
+    default_state_dir,
+    safe_extract,
+)
+
+MB = 1 << 20
+
+
+@dataclass
+class E:
+    """One crafted archive member."""
+
+    name: str
+    kind: str = "file"
+    data: bytes = b"x"
+    mode: int = 0o644
+    pax: dict[str, str] = field(default_factory=dict)
+
+
+_KINDS = {
+    "file": tarfile.REGTYPE,
+    "dir": tarfile.DIRTYPE,
+    "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE,
+    "chr": tarfile.CHRTYPE,
+    "blk": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+    "sparse": tarfile.GNUTYPE_SPARSE,
+    "other": b"Z",
+}
+
+
+def build_tar(entries: list[E], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for e in entries:
+            info = tarfile.TarInfo(e.name)
+            info.type = _KINDS[e.kind]
+            info.mode, info.uid, info.gid, info.uname, info.gname = e.mode, 0, 0, "root", "root"
+            info.mtime = 1_700_000_000
+            info.pax_headers = dict(e.pax)
+            if e.kind in ("symlink", "hardlink"):
+                info.linkname = "/etc/shadow" if e.kind == "symlink" else "workspace/a"
+            if e.kind in ("chr", "blk"):
+                info.devmajor, info.devminor = 1, 3
+            has_data = e.kind in ("file", "other")
+            info.size = len(e.data) if has_data else 0
+            tar.addfile(info, io.BytesIO(e.data) if has_data else None)
+    return buf.getvalue()
+
+
+def read_tar(data: bytes) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        out = []
+        for m in tar:
+            fh = tar.extractfile(m) if m.isreg() else None
+            out.append((m, fh.read() if fh else None))
+        return out
+
+
+def run_clean(data: bytes, **kwargs: object) -> tuple[FilterReport, bytes]:
+    out = io.BytesIO()
+    report = clean_tar(io.BytesIO(data), out, **kwargs)  # type: ignore[arg-type]
+    return report, out.getvalue()
+
+
+W = E("workspace", "dir", mode=0o755)
+LONG = "workspace/" + "d" * 150 + "/" + "f" * 120
+
+# (id, members, kept names in order, {displayed name: reason} that must be dropped, kwargs)
+CASES = [
+    (
+        "absolute",
+        [W, E("/workspace/x"), E("/etc/passwd")],
+        ["workspace"],
+        {"/workspace/x": "absolute path", "/etc/passwd": "absolute path"},
+        {},
+    ),
+    (
+        "dotdot",
+        [W, E("workspace/../etc/passwd"), E("../x")],
+        ["workspace"],
+        {"workspace/../etc/passwd": "'..' component", "../x": "'..' component"},
+        {},
+    ),
+    (
+        "state-escape",
+        [E("state", "dir"), E("state/../escape")],
+        ["state"],
+        {"state/../escape": "'..' component"},
+        {},
+    ),
+    (
+        "double-escape",
+        [W, E("workspace/../../etc/x")],
+        ["workspace"],
+        {"workspace/../../etc/x": "'..' component"},
+        {},
+    ),
+    (
+        "symlink",
+        [W, E("workspace/link", "symlink")],
+        ["workspace"],
+        {"workspace/link": "symlink"},
+        {},
+    ),
+    (
+        "hardlink",
+        [W, E("workspace/a"), E("workspace/hl", "hardlink")],
+        ["workspace", "workspace/a"],
+        {"workspace/hl": "hard link"},
+        {},
+    ),
+    (
+        "devices",
+        [W, E("workspace/tty", "chr"), E("workspace/sda", "blk")],
+        ["workspace"],
+        {"workspace/tty": "character device", "workspace/sda": "block device"},
+        {},
+    ),
+    ("fifo", [W, E("workspace/pipe", "fifo")], ["workspace"], {"workspace/pipe": "FIFO"}, {}),
+    # An unknown type carries data; the member after it proves the data was skipped.
+    (
+        "unknown-type",
+        [W, E("workspace/odd", "other", b"y" * 700), E("workspace/after")],
+        ["workspace", "workspace/after"],
+        {"workspace/odd": "unsupported type b'Z'"},
+        {},
+    ),
+    (
+        "outside",
+        [
+            E(".bashrc"),
+            E(".ssh", "dir"),
+            E(".ssh/authorized_keys"),
+            E(".config/x"),
+            E("workspace2/x"),
+            E("Workspace/x"),
+            W,
+        ],
+        ["workspace"],
+        {
+            ".bashrc": "outside allowed dirs",
+            ".ssh": "outside allowed dirs",
+            ".ssh/authorized_keys": "outside allowed dirs",
+            ".config/x": "outside allowed dirs",
+            "workspace2/x": "outside allowed dirs",
+            "Workspace/x": "outside allowed dirs",
+        },
+        {},
+    ),
+    (
+        "top-level-file",
+        [E("workspace"), E("data", "dir")],
+        ["data"],
+        {"workspace": "not a directory"},
+        {},
+    ),
+    (
+        "control-char",
+        [W, E("workspace/a\nb"), E("workspace/c\x00d", pax={"path": "workspace/c\x00d"})],
+        ["workspace"],
+        {
+            "workspace/a\\nb": "control character in name",
+            "workspace/c\\x00d": "control character in name",
+        },
+        {},
+    ),
+    (
+        "not-utf8",
+        [W, E("workspace/\udcff")],
+        ["workspace"],
+        {"workspace/\\udcff": "name not UTF-8"},
+        {},
+    ),
+    (
+        "duplicate",
+        [W, E("workspace/a", data=b"first"), E("workspace/a", data=b"second")],
+        ["workspace", "workspace/a"],
+        {"workspace/a": "duplicate"},
+        {},
+    ),
+    (
+        "dir-then-file",
+        [W, E("workspace/x", "dir"), E("workspace/x")],
+        ["workspace", "workspace/x"],
+        {"workspace/x": "conflicts with directory"},
+        {},
+    ),
+    (
+        "file-then-dir",
+        [W, E("workspace/x"), E("workspace/x", "dir"), E("workspace/x/y")],
+        ["workspace", "workspace/x"],
+        {"workspace/x": "conflicts with file", "workspace/x/y": "parent is a file"},
+        {},
+    ),
+    (
+        "normalised",
+        [E("./workspace//a/./b")],
+        ["workspace", "workspace/a", "workspace/a/b"],
+        {},
+        {},
+    ),
+    (
+        "parents-synthesised",
+        [E("data/x/y/z"), E("data/x", "dir")],
+        ["data", "data/x", "data/x/y", "data/x/y/z"],
+        {},
+        {},
+    ),
+    ("long-pax", [W, E(LONG)], ["workspace", LONG.rsplit("/", 1)[0], LONG], {}, {}),
+    (
+        "long-gnu",
+        [W, E(LONG)],
+        ["workspace", LONG.rsplit("/", 1)[0], LONG],
+        {},
+        {"fmt": tarfile.GNU_FORMAT},
+    ),
+    (
+        "name-too-long",
+        [W, E("workspace/" + "n" * 300)],
+        ["workspace"],
+        {"workspace/" + "n" * 187 + "...": "name too long"},
+        {"limits": Limits(max_name_len=200)},
+    ),
+    (
+        "oversized-pax-header",
+        [W, E("workspace/big-hdr", pax={"comment": "c" * 200_000}), E("workspace/ok")],
+        ["workspace", "workspace/ok"],
+        {"workspace/big-hdr": "oversized extended header"},
+        {},
+    ),
+    (
+        "size-cap",
+        [
+            W,
+            E("workspace/a", data=b"a" * 100_000),
+            E("workspace/big", data=b"b" * 2 * MB),
+            E("workspace/c", data=b"c" * 10),
+            E("data", "dir"),
+        ],
+        ["workspace", "workspace/a"],
+        {"workspace/big": "size cap", "workspace/c": "size cap", "data": "size cap"},
+        {"limits": Limits(max_total_bytes=MB)},
+    ),
+    (
+        "member-cap",
+        [W] + [E(f"workspace/f{i}") for i in range(8)],
+        ["workspace"] + [f"workspace/f{i}" for i in range(4)],
+        {f"workspace/f{i}": "member cap" for i in range(4, 8)},
+        {"limits": Limits(max_members=5)},
+    ),
+    (
+        "member-cap-counts-parents",
+        [E("data/a/b/c")],
+        [],
+        {"data/a/b/c": "member cap"},
+        {"limits": Limits(max_members=3)},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("members", "kept", "drops", "kwargs"),
+    [pytest.param(*c[1:], id=c[0]) for c in CASES],
+)
+def test_clean_tar_filters(
+    members: list[E], kept: list[str], drops: dict[str, str], kwargs: dict[str, object]
+) -> None:
+    fmt = kwargs.pop("fmt", tarfile.PAX_FORMAT)
+    report, out = run_clean(build_tar(members, fmt), **kwargs)  # type: ignore[arg-type]
+    parsed = read_tar(out)
+    names = [m.name for m, _ in parsed]
+    assert names == kept == report.kept
+    assert dict(report.dropped) == drops
+    seen: set[str] = set()
+    for m, _ in parsed:
+        assert m.isreg() or m.isdir(), m.name
+        assert (m.uid, m.gid, m.uname, m.gname) == (1000, 1000, "", "")
+        parent = m.name.rsplit("/", 1)[0] if "/" in m.name else None
+        assert parent is None or parent in seen, f"{m.name} before its parent"
+        seen.add(m.name)
+    assert report.total_bytes == sum(len(d) for _, d in parsed if d is not None)
+
+
+def test_duplicate_keeps_first_content() -> None:
+    data = build_tar([W, E("workspace/a", data=b"first"), E("workspace/a", data=b"second!")])
+    _, out = run_clean(data)
+    assert [d for m, d in read_tar(out) if m.name == "workspace/a"] == [b"first"]
+
+
+def test_sparse_member_dropped() -> None:
+    report, out = run_clean(build_tar([W, E("workspace/s", "sparse")], tarfile.GNU_FORMAT))
+    assert report.dropped == [("workspace/s", "sparse file")]
+    assert [m.name for m, _ in read_tar(out)] == ["workspace"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode", "expected"),
+    [
+        ("file", 0o4755, 0o755),  # setuid
+        ("file", 0o2777, 0o755),  # setgid, group/other write
+        ("file", 0o600, 0o600),
+        ("dir", 0o1777, 0o755),  # sticky, world-writable
+        ("dir", 0o700, 0o700),
+    ],
+)
+def test_modes_masked(kind: str, mode: int, expected: int) -> None:
+    _, out = run_clean(build_tar([W, E("workspace/m", kind, mode=mode)]))
+    got = {m.name: m.mode for m, _ in read_tar(out)}
+    assert got["workspace/m"] == expected
+
+
+def test_headers_rebuilt_not_copied() -> None:
+    pax = {
+        "SCHILY.xattr.security.capability": "\x01\x00\x00\x02",
+        "comment": "hi",
+        "uname": "root",
+    }
+    report, out = run_clean(build_tar([W, E("workspace/f", pax=pax)]), uid=1234, gid=5678)
+    (_, _), (f, data) = read_tar(out)
+    assert report.kept == ["workspace", "workspace/f"]
+    assert data == b"x"
+    assert not any(k.startswith("SCHILY") or k == "comment" for k in f.pax_headers)
+    assert (f.uid, f.gid, f.uname, f.gname, f.mtime) == (1234, 5678, "", "", 1_700_000_000)
+
+
+@pytest.mark.parametrize("field_name", ["max_total_bytes", "max_members", "max_name_len"])
+def test_limits_must_be_positive(field_name: str) -> None:
+    with pytest.raises(ValueError, match=field_name):
+        Limits(**{field_name: 0})
+
+
+def test_custom_allowed_dirs() -> None:
+    data = build_tar([W, E("extra", "dir"), E("extra/f")])
+    report, _ = run_clean(data, allowed_dirs=("extra",))
+    assert report.kept == ["extra", "extra/f"]
+    with pytest.raises(ValueError, match="one plain path component"):
+        run_clean(data, allowed_dirs=("a/b",))
+
+
+@pytest.mark.parametrize("chunking", ["bytes-1", "bytes-7-with-empties", "one-chunk", "gzip"])
+def test_chunk_sources_match_file_source(chunking: str) -> None:
+    data = build_tar([W, E("workspace/a", data=os.urandom(5000)), E(LONG), E(".bashrc")])
+    expected = run_clean(data)[1]
+    raw = gzip.compress(data) if chunking == "gzip" else data
+    if chunking == "bytes-1":
+        chunks: list[bytes] = [raw[i : i + 1] for i in range(len(raw))]
+    elif chunking == "bytes-7-with-empties":
+        chunks = [b for i in range(0, len(raw), 7) for b in (b"", raw[i : i + 7])]
+    else:
+        chunks = [raw]
+    out = io.BytesIO()
+    clean_tar(iter(chunks), out)
+    assert out.getvalue() == expected
+
+
+def test_chunk_reader_reads_across_chunks() -> None:
+    reader = io.BufferedReader(ChunkReader(iter([b"ab", b"", b"cde", b"f"])))
+    assert reader.read(4) == b"abcd"
+    assert reader.read() == b"ef"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"this is not a tar archive at all" * 40, id="garbage"),
+        pytest.param(build_tar([W, E("workspace/a", data=b"z" * 5000)])[:1500], id="truncated"),
+    ],
+)
+def test_unreadable_archive_raises_state_error(data: bytes) -> None:
+    with pytest.raises(StateError, match="state archive unreadable"):
+        run_clean(data)
+
+
+def test_dropped_list_is_bounded_and_summary_is_one_line() -> None:
+    entries = [W] + [E(f"workspace/l{i}", "symlink") for i in range(MAX_LISTED_DROPS + 5)]
+    entries.append(E("workspace/evil\nname"))
+    report, _ = run_clean(build_tar(entries))
+    assert len(report.dropped) == MAX_LISTED_DROPS
+    assert report.dropped_unlisted == 6
+    summary = report.summary()
+    assert "\n" not in summary
+    assert summary.startswith("kept 0 files, 1 dirs (0 B); dropped 1006: workspace/l0 (symlink)")
+    assert summary.endswith("and 1001 more")
+
+
+def test_summary_sizes() -> None:
+    report, _ = run_clean(build_tar([W, E("workspace/a", data=b"a" * 3_100_000)]))
+    assert report.summary() == "kept 1 files, 1 dirs (3.1 MB); dropped nothing"
+
+
+def _big_tar_stream(size: int, chunk: bytes) -> Iterator[bytes]:
+    """A tar with one ``size``-byte member, generated lazily from one reused chunk."""
+    for name, kind, n in (
+        ("workspace", tarfile.DIRTYPE, 0),
+        ("workspace/big", tarfile.REGTYPE, size),
+    ):
+        info = tarfile.TarInfo(name)
+        info.type, info.size = kind, n
+        yield info.tobuf(tarfile.PAX_FORMAT)
+    for _ in range(size // len(chunk)):
+        yield chunk
+    yield b"\0" * (-size % 512) + b"\0" * 1024
+
+
+def test_streaming_does_not_hold_member_in_memory(tmp_path: Path) -> None:
+    size, chunk = 50 * MB, os.urandom(MB)
+    out_path = tmp_path / "out.tar"
+    with out_path.open("wb") as out:
+        tracemalloc.start()
+        try:
+            report = clean_tar(_big_tar_stream(size, chunk), out)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert report.kept == ["workspace", "workspace/big"]
+    assert report.total_bytes == size
+    assert peak < 16 * MB, f"peak {peak / MB:.1f} MB while streaming 50 MB"
+    with tarfile.open(out_path) as tar:
+        fh = tar.extractfile("workspace/big")
+        assert fh is not None
+        digest = hashlib.sha256()
+        while block := fh.read(MB):
+            digest.update(block)
+    assert digest.digest() == hashlib.sha256(chunk * 50).digest()
+
+
+# ---------------------------------------------------------------- safe_extract
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_safe_extract_writes_only_clean_members(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    data = build_tar(
+        [
+            W,
+            E("workspace/a", data=b"A", mode=0o4777),
+            E("workspace/link", "symlink"),
+            E("data/sub/b", data=b"B"),
+            E(".bashrc"),
+            E("/abs"),
+            E("workspace/../../x"),
+        ]
+    )
+    report = safe_extract(io.BytesIO(data), dest)
+    assert _tree(tmp_path) == {"dest", *(f"dest/{n}" for n in report.kept)}
+    assert sorted(report.kept) == ["data", "data/sub", "data/sub/b", "workspace", "workspace/a"]
+    assert (dest / "workspace/a").read_bytes() == b"A"
+    assert (dest / "workspace/a").stat().st_mode & 0o7777 == 0o755
+    assert (dest / "data/sub").stat().st_mode & 0o7777 == 0o755
+    assert len(report.dropped) == 4
+
+
+def test_safe_extract_never_follows_planted_symlinks(tmp_path: Path) -> None:
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    (dest / "data").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "target").write_bytes(b"original")
+    (dest / "workspace").symlink_to(outside)
+    (dest / "data" / "c").symlink_to(outside / "target")
+    data = build_tar(
+        [W, E("workspace/a"), E("workspace/sub/b"), E("data", "dir"), E("data/c"), E("data/d")]
+    )
+    report = safe_extract(io.BytesIO(data), dest)
+    assert _tree(outside) == {"target"}
+    assert (outside / "target").read_bytes() == b"original"
+    assert report.kept == ["data", "data/d"]
+    assert dict(report.dropped) == {
+        "workspace": "symlink or non-directory in destination",
+        "workspace/a": "symlink or non-directory in destination",
+        "workspace/sub/b": "symlink or non-directory in destination",
+        "data/c": "exists in destination",
+    }
+
+
+def test_safe_extract_without_allowlist_still_rejects_escapes(tmp_path: Path) -> None:
+    data = build_tar([E("top.txt"), E("../up.txt"), E("a/b.txt"), E("l", "symlink")])
+    report = safe_extract(io.BytesIO(data), tmp_path / "d", allowed_dirs=None)
+    assert report.kept == ["top.txt", "a", "a/b.txt"]
+    assert _tree(tmp_path) == {"d", "d/top.txt", "d/a", "d/a/b.txt"}
+
+
+# ---------------------------------------------------------------- StateStore
+
+
+def _src(*entries: E) -> Iterator[bytes]:
+    data = build_tar(list(entries))
+    return iter([data[i : i + 1000] for i in range(0, len(data), 1000)])
+
+
+def _names(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+def test_path_for_is_safe_and_collision_free(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    scopes = ["agent/key", "agent_key", "agent key", "../../etc/passwd", "x" * 500, ".", "é/ü"]
+    paths = [store.path_for(s) for s in scopes]
+    assert len(set(paths)) == len(scopes)
+    for p in paths:
+        assert p.parent == tmp_path
+        assert len(p.name) < 200 and not p.name.startswith(".")
+    assert store.path_for("agent/key") == StateStore(tmp_path).path_for("agent/key")
+    with pytest.raises(ValueError, match="non-empty"):
+        store.path_for("")
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "store")
+    assert store.load("m/k") is None
+    report = store.save_from(
+        "m/k",
+        [
+            _src(W, E("workspace/a", data=b"A"), E("workspace/l", "symlink")),
+            _src(E("data", "dir"), E("data/b", data=b"B"), E("workspace/a", data=b"dup")),
+        ],
+    )
+    path = store.load("m/k")
+    assert path is not None
+    assert _names(path) == report.kept == ["workspace", "workspace/a", "data", "data/b"]
+    assert dict(report.dropped) == {"workspace/l": "symlink", "workspace/a": "duplicate"}
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_caps_apply_to_merged_sources(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    report = store.save_from(
+        "s",
+        [
+            _src(W, E("workspace/a", data=b"a" * 600)),
+            _src(E("data", "dir"), E("data/b", data=b"b" * 600)),
+        ],
+        limits=Limits(max_total_bytes=1000),
+    )
+    assert report.kept == ["workspace", "workspace/a", "data"]
+    assert report.dropped == [("data/b", "size cap")]
+
+
+def _failing_source() -> Iterator[bytes]:
+    data = build_tar([W, E("workspace/new", data=b"n" * 50_000)])
+    yield data[:20_000]
+    raise ConnectionError("stream broke")
+
+
+@pytest.mark.parametrize("failure", ["source-raises", "replace-fails"])
+def test_failed_save_keeps_previous_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    store = StateStore(tmp_path)
+    store.save_from("s", [_src(W, E("workspace/old", data=b"old"))])
+    path = store.load("s")
+    assert path is not None
+    before = path.read_bytes()
+    if failure == "source-raises":
+        with pytest.raises(StateError, match="stream broke"):
+            store.save_from("s", [_src(E("data", "dir")), _failing_source()])
+    else:
+
+        def broken_replace(*args: object) -> None:
+            raise OSError("disk gone")
+
+        monkeypatch.setattr(os, "replace", broken_replace)
+        with pytest.raises(OSError, match="disk gone"):
+            store.save_from("s", [_src(W, E("workspace/new"))])
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+WORKER = textwrap.dedent(
+    """
+    import io, os, sys, tarfile, time
+    from pathlib import Path
+    from pytest_agentbox.state import StateStore
+
+    root, scope, label, mode, sync = sys.argv[1:6]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(20):
+            body = (label * 2000).encode()
+            info = tarfile.TarInfo(f"workspace/{label}-{i}")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    data = buf.getvalue()
+
+    def chunks():
+        for i in range(0, len(data), 4096):
+            if mode == "crash" and i > len(data) // 2:
+                os._exit(3)
+            time.sleep(0.01)
+            yield data[i : i + 4096]
+
+    Path(sync, label).touch()
+    while len(os.listdir(sync)) < (2 if mode == "race" else 1):
+        time.sleep(0.005)
+    StateStore(root).save_from(scope, [chunks()])
+    """
+)
+
+
+def _worker(tmp_path: Path, label: str, mode: str, sync: Path) -> subprocess.Popen[bytes]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    sync.mkdir(exist_ok=True)
+    args = [sys.executable, str(script), str(tmp_path / "store"), "scope", label, mode, str(sync)]
+    return subprocess.Popen(args)
+
+
+def test_concurrent_saves_yield_one_complete_state(tmp_path: Path) -> None:
+    procs = [_worker(tmp_path, label, "race", tmp_path / "sync") for label in ("A", "B")]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    path = StateStore(tmp_path / "store").load("scope")
+    assert path is not None
+    with tarfile.open(path) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}  # type: ignore[union-attr]
+    labels = {name.split("/")[1][0] for name in members}
+    assert len(labels) == 1 and len(members) == 20
+    (label,) = labels
+    assert all(body == (label * 2000).encode() for body in members.values())
+
+
+def test_save_waits_for_scope_lock(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "store")
+    with store.lock("scope"):
+        proc = _worker(tmp_path, "A", "once", tmp_path / "sync")
+        time.sleep(1.0)
+        assert proc.poll() is None, "save finished while another process held the lock"
+        assert store.load("scope") is None
+    assert proc.wait(timeout=60) == 0
+    assert store.load("scope") is not None
+
+
+def test_hard_crash_leaves_state_and_next_save_cleans_temp(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "store")
+    store.save_from("scope", [_src(W, E("workspace/old"))])
+    path = store.load("scope")
+    assert path is not None
+    before = path.read_bytes()
+    assert _worker(tmp_path, "A", "crash", tmp_path / "sync").wait(timeout=60) == 3
+    temps = [p for p in store.root.iterdir() if ".tmp-" in p.name]
+    assert len(temps) == 1
+    assert path.read_bytes() == before
+    store.save_from("scope", [_src(W, E("workspace/new"))])
+    assert not temps[0].exists()
+    assert _names(path) == ["workspace", "workspace/new"]
+
+
+def test_list_and_clear(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "store")
+    assert store.list() == [] and store.clear() == 0
+    r1 = store.save_from("agent/one", [_src(W, E("workspace/a"), E("workspace/b"))])
+    r2 = store.save_from("agent/two", [_src(E("data", "dir"))])
+    infos = store.list()
+    assert [(i.scope, i.members) for i in infos] == [
+        ("agent/one", len(r1.kept)),
+        ("agent/two", len(r2.kept)),
+    ]
+    assert all(i.size == i.path.stat().st_size and i.mtime > 0 for i in infos)
+    assert store.clear("agent/one") == 1
+    assert store.load("agent/one") is None and store.load("agent/two") is not None
+    assert store.clear("agent/one") == 0
+    assert store.clear() == 1
+    assert store.list() == []
+    locks = [p.name for p in store.root.iterdir()]
+    assert locks and all(name.endswith(".lock") for name in locks)
+
+
+def test_default_state_dir(tmp_path: Path) -> None:
+    assert default_state_dir(tmp_path) == tmp_path / "agentbox" / "state"
+    assert ALLOWED_DIRS == ("workspace", "data", "output", "state")
