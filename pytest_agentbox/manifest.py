@@ -1,0 +1,932 @@
+"""The agent manifest (``agent.yaml``): pydantic models, validation rules, known providers.
+
+Everything here is pure logic, usable without pytest or Docker. The plugin refuses a bad
+manifest before it touches Docker, with one readable line that names the file, the field
+and the rule (seed: "Manifest validation hardened").
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pytest_agentbox.errors import ManifestError
+
+__all__ = [
+    "KNOWN_PROVIDERS",
+    "OVERRIDE_KEYS",
+    "KeyRequirement",
+    "KeyRoute",
+    "Manifest",
+    "NetworkRule",
+    "Permissions",
+    "ProviderInfo",
+    "Resources",
+    "Runtime",
+    "apply_overrides",
+    "is_ip_literal",
+    "load_manifest",
+    "manifest_from_dict",
+    "normalize_domain",
+    "protected_env_reason",
+    "resolve_key_routes",
+]
+
+
+# --------------------------------------------------------------------------- providers
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    """Where a known provider's API lives and how its key is presented.
+
+    ``auth_style`` is ``"bearer"``, ``"x-api-key"`` or ``"header:<name>"``. ``base_path``
+    is appended to the local proxy URL put in ``base_url_env`` because some SDKs expect
+    it in the base URL (the OpenAI SDK's default base URL ends in ``/v1``).
+    """
+
+    domain: str
+    env_var: str
+    base_url_env: str
+    auth_style: str
+    base_path: str = ""
+
+
+KNOWN_PROVIDERS: dict[str, ProviderInfo] = {
+    "anthropic": ProviderInfo(
+        "api.anthropic.com", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "x-api-key"
+    ),
+    "openai": ProviderInfo("api.openai.com", "OPENAI_API_KEY", "OPENAI_BASE_URL", "bearer", "/v1"),
+    "google": ProviderInfo(
+        "generativelanguage.googleapis.com",
+        "GOOGLE_API_KEY",
+        "GOOGLE_GEMINI_BASE_URL",
+        "header:x-goog-api-key",
+    ),
+    "groq": ProviderInfo("api.groq.com", "GROQ_API_KEY", "GROQ_BASE_URL", "bearer"),
+    "mistral": ProviderInfo("api.mistral.ai", "MISTRAL_API_KEY", "MISTRAL_BASE_URL", "bearer"),
+    "deepseek": ProviderInfo("api.deepseek.com", "DEEPSEEK_API_KEY", "DEEPSEEK_BASE_URL", "bearer"),
+    "brave": ProviderInfo(
+        "api.search.brave.com", "BRAVE_API_KEY", "BRAVE_BASE_URL", "header:X-Subscription-Token"
+    ),
+}
+
+# Env name (upper case) -> the known provider that owns it; an unrelated key may not claim
+# one, or an agent reading OPENAI_API_KEY would talk to somebody else's endpoint.
+_KNOWN_ENV_OWNER: dict[str, str] = {
+    name: provider
+    for provider, info in KNOWN_PROVIDERS.items()
+    for name in (info.env_var, info.base_url_env)
+}
+
+
+# ----------------------------------------------------------------------------- domains
+
+_LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_HEX_RE = re.compile(r"^0x[0-9a-f]*$")
+_DOMAIN_EXAMPLE = "declare a host name such as api.example.com"
+
+
+def _ipv4_part(part: str) -> int | None:
+    """One dotted part read the way inet_aton(3) and the WHATWG URL parser read it."""
+    p = part.lower()
+    if _HEX_RE.match(p):
+        return int(p[2:] or "0", 16)
+    if p.isascii() and p.isdigit():
+        if len(p) > 1 and p.startswith("0"):
+            # Octal; "08" is no number at all, but it still reads as numeric to a human.
+            return int(p, 8) if set(p) <= set("01234567") else -1
+        return int(p)
+    return None
+
+
+def _is_ipv4_literal(host: str) -> bool:
+    parts = host.split(".")
+    if len(parts) > 1 and parts[-1] == "":
+        parts = parts[:-1]  # "1.2.3.4." is still 1.2.3.4
+    if not 1 <= len(parts) <= 4:
+        return False
+    values = [_ipv4_part(p) for p in parts]
+    # Out-of-range numbers ("999.1.1.1") are refused too: a resolver or URL parser may
+    # wrap or reinterpret them, and no real host name looks like that.
+    return all(v is not None for v in values)
+
+
+def is_ip_literal(value: str) -> bool:
+    """Whether ``value`` is an IP address in any spelling a resolver or URL parser accepts.
+
+    Covers dotted, decimal (``3232235777``), octal (``0300.0250.0.1``), hex
+    (``0xC0A80001``, ``0xc0.0xa8.0.1``) and shortened (``127.1``) IPv4, and IPv6 with or
+    without brackets, embedded IPv4 (``::ffff:1.2.3.4``) and zone ids (``fe80::1%eth0``).
+    """
+    host = value.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            # A zone id may hold characters ipaddress refuses ("fe80::1%25en0").
+            try:
+                ipaddress.IPv6Address(host.split("%", 1)[0])
+            except ValueError:
+                return False
+        return True
+    return bool(host) and _is_ipv4_literal(host)
+
+
+def _fail(value: str, rule: str) -> ValueError:
+    return ValueError(f"{value!r} {rule}")
+
+
+def normalize_domain(value: str, *, allow_wildcard: bool = False) -> str:
+    """Return ``value`` as a lower-case fully qualified host name, or raise ValueError.
+
+    Non-ASCII names are mapped to their ``xn--`` form with the stdlib ``idna`` codec and
+    checked afterwards (the mapping can turn full-width digits into an IP address). With
+    ``allow_wildcard`` one leading ``*.`` is accepted in front of a name of 2+ labels.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"a domain must be a string, got {type(value).__name__}")
+    if value == "":
+        raise ValueError(f"a domain must not be empty; {_DOMAIN_EXAMPLE}")
+    if any(c.isspace() for c in value):
+        raise _fail(value, "contains whitespace; a domain is one host name")
+    if "://" in value:
+        raise _fail(value, "has a URL scheme; give the bare host name such as api.example.com")
+    if "/" in value or "?" in value or "#" in value:
+        raise _fail(value, "has a path; give the bare host name such as api.example.com")
+    if "@" in value:
+        raise _fail(value, "has user info ('@'); give the bare host name")
+    if is_ip_literal(value):
+        raise _fail(value, f"is an IP address; {_DOMAIN_EXAMPLE}")
+    if ":" in value:
+        raise _fail(value, "has a port; ports are not part of a domain rule, give the host only")
+    host = value
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise _fail(value, "is not a valid internationalised domain name") from None
+        if is_ip_literal(host):
+            raise _fail(value, f"is an IP address once mapped to ASCII ({host}); {_DOMAIN_EXAMPLE}")
+    host = host.lower()
+    if host.endswith("."):
+        host = host[:-1]
+    prefix = ""
+    if allow_wildcard and host.startswith("*."):
+        prefix, host = "*.", host[2:]
+    if "*" in host:
+        where = "allowed only as a leading '*.'" if allow_wildcard else "not allowed here"
+        raise _fail(value, f"has a wildcard '*'; wildcards are {where}")
+    if prefix and is_ip_literal(host):
+        raise _fail(value, f"is a wildcard over an IP address; {_DOMAIN_EXAMPLE}")
+    if "_" in host:
+        raise _fail(value, "contains an underscore; host names allow letters, digits, '-' and '.'")
+    labels = host.split(".")
+    if len(labels) < 2:
+        rule = "is a single-label host name; declare a fully qualified name such as api.example.com"
+        if prefix:
+            rule = "is a wildcard over a top-level domain; use at least '*.example.com'"
+        raise _fail(value, rule)
+    if len(prefix + host) > 253:
+        raise _fail(value, "is longer than 253 characters")
+    for label in labels:
+        if not label:
+            raise _fail(value, "has an empty label ('..' or a leading dot)")
+        if len(label) > 63:
+            raise _fail(value, f"has a label longer than 63 characters ({label[:20]}...)")
+        if not _LABEL_RE.match(label):
+            raise _fail(
+                value,
+                f"has an invalid label {label!r}; labels use a-z, 0-9 and '-', "
+                "and do not start or end with '-'",
+            )
+    last = labels[-1]
+    if last.isdigit() or _HEX_RE.match(last):
+        # URL parsers treat a name ending in a number as an IPv4 address.
+        raise _fail(value, "ends in a number; the last label (top-level domain) needs a letter")
+    return prefix + host
+
+
+# ------------------------------------------------------------------------- environment
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+_LOADER = "loader variable (changes what code a program loads or runs)"
+_PROXY = "proxy/CA variable (redirects or un-verifies network traffic)"
+_PACKAGES = "package manager variable (changes where packages come from)"
+_SYSTEM = "system variable"
+_RESERVED = "reserved for pytest-agentbox"
+
+_LOADER_NAMES = (
+    "NODE_OPTIONS NODE_PATH BASH_ENV ENV PERL5LIB PERL5OPT PERLLIB RUBYOPT RUBYLIB"
+    " JAVA_TOOL_OPTIONS _JAVA_OPTIONS JDK_JAVA_OPTIONS CLASSPATH GCONV_PATH GLIBC_TUNABLES"
+    " LOCPATH NLSPATH HOSTALIASES RESOLV_HOST_CONF LOCALDOMAIN RES_OPTIONS ZDOTDIR"
+    " PROMPT_COMMAND CDPATH GLOBIGNORE SHELLOPTS BASHOPTS EDITOR VISUAL PAGER BROWSER"
+)
+_PROXY_NAMES = (
+    "HTTP_PROXY HTTPS_PROXY ALL_PROXY NO_PROXY FTP_PROXY SSL_CERT_FILE SSL_CERT_DIR"
+    " REQUESTS_CA_BUNDLE CURL_CA_BUNDLE NODE_EXTRA_CA_CERTS NODE_TLS_REJECT_UNAUTHORIZED"
+    " GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"
+)
+_SYSTEM_NAMES = (
+    "PATH HOME USER LOGNAME SHELL PWD OLDPWD TMPDIR TMP TEMP IFS PS1 PS2 PS3 PS4"
+    " TERM LANG LANGUAGE TZ HOSTNAME MAIL UID EUID"
+)
+_PROTECTED_EXACT: dict[str, str] = {
+    **dict.fromkeys(_LOADER_NAMES.split(), _LOADER),
+    **dict.fromkeys(_PROXY_NAMES.split(), _PROXY),
+    **dict.fromkeys(_SYSTEM_NAMES.split(), _SYSTEM),
+}
+
+_PROTECTED_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("LD_", _LOADER),
+    ("DYLD_", _LOADER),
+    ("PYTHON", _LOADER),
+    ("GIT_", _LOADER),
+    ("BASH_FUNC_", _LOADER),
+    ("PIP_", _PACKAGES),
+    ("NPM_CONFIG_", _PACKAGES),
+    ("UV_", _PACKAGES),
+    ("YARN_", _PACKAGES),
+    ("LC_", _SYSTEM),
+    ("AGENTBOX_", _RESERVED),
+)
+
+
+def protected_env_reason(name: str) -> str | None:
+    """Why ``name`` may not be used as a key's env var (case-insensitive), or None.
+
+    The sandbox sets key env vars for the agent; letting a manifest pick one of these
+    would let it load code, redirect traffic or break the system environment.
+    """
+    upper = name.upper()
+    if upper in _PROTECTED_EXACT:
+        return _PROTECTED_EXACT[upper]
+    for prefix, reason in _PROTECTED_PREFIXES:
+        if upper.startswith(prefix):
+            return reason
+    if upper.endswith("_PROXY"):
+        # Many tools read <scheme>_proxy (wss_proxy, socks_proxy, rsync_proxy ...).
+        return _PROXY
+    return None
+
+
+def _check_env_name(value: str) -> str:
+    if not _ENV_NAME_RE.match(value):
+        # The value is not echoed: a mis-pasted key would otherwise land in the message.
+        raise ValueError(
+            "must be an environment variable name (letters, digits and '_', "
+            "not starting with a digit)"
+        )
+    reason = protected_env_reason(value)
+    if reason:
+        raise ValueError(f"{value!r} is a protected name ({reason}); choose another name")
+    return value
+
+
+# ---------------------------------------------------------------------- auth and paths
+
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}$")
+_AUTH_HEADERS_REFUSED = (
+    "host content-length transfer-encoding connection keep-alive te trailer upgrade"
+    " proxy-authorization proxy-connection expect"
+)
+_FORBIDDEN_AUTH_HEADERS = frozenset(_AUTH_HEADERS_REFUSED.split())
+_BASE_PATH_RE = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+$")
+
+
+def _check_auth_style(value: str) -> str:
+    if value in ("bearer", "x-api-key"):
+        return value
+    if value.startswith("header:"):
+        header = value[len("header:") :]
+        if not _TOKEN_RE.match(header):
+            raise ValueError(
+                f"{value!r}: the header name after 'header:' must be an HTTP token "
+                "(letters, digits and !#$%&'*+-.^_`|~, at most 64)"
+            )
+        if header.lower() in _FORBIDDEN_AUTH_HEADERS:
+            raise ValueError(f"{value!r}: {header!r} is managed by the proxy, not an auth header")
+        return value
+    raise ValueError(
+        f"{value!r} is not an auth style; use 'bearer', 'x-api-key' or 'header:<Name>'"
+    )
+
+
+# ------------------------------------------------------------------------------ models
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+_SIZE_RE = re.compile(r"^([0-9]+)([bkmg]?)$")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_MIN_MEMORY = 16 * 1024**2
+
+
+class NetworkRule(BaseModel):
+    """One allowed destination: an exact host or a ``*.`` wildcard over a domain's subdomains."""
+
+    model_config = _FROZEN
+
+    domain: str
+    reason: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        # `network: [api.example.com]` is the natural way to write it.
+        return {"domain": data} if isinstance(data, str) else data
+
+    @field_validator("domain", mode="before")
+    @classmethod
+    def _domain(cls, value: Any) -> str:
+        return normalize_domain(value, allow_wildcard=True)
+
+
+class Resources(BaseModel):
+    """Container limits: memory (Docker size such as ``512m``), CPUs and process count."""
+
+    model_config = _FROZEN
+
+    memory: str = "1g"
+    cpus: float = Field(1.0, strict=True, gt=0, le=64, allow_inf_nan=False)
+    pids: int = Field(512, strict=True, ge=16, le=32768)
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError("memory must be a size such as '512m' or '2g'")
+        size = value.strip().lower()
+        match = _SIZE_RE.match(size)
+        if not match:
+            raise ValueError(f"{value!r} is not a size; use digits and one of b, k, m, g ('512m')")
+        if int(match[1]) * _SIZE_UNITS[match[2]] < _MIN_MEMORY:
+            raise ValueError(f"{value!r} is below the minimum of 16m")
+        return size
+
+    @property
+    def memory_bytes(self) -> int:
+        """The memory limit in bytes."""
+        match = _SIZE_RE.match(self.memory)
+        assert match  # guaranteed by the validator
+        return int(match[1]) * _SIZE_UNITS[match[2]]
+
+
+_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
+
+
+class Runtime(BaseModel):
+    """How the agent runs: image, setup command (as the user), run command, limits."""
+
+    model_config = _FROZEN
+
+    image: str | None = None
+    setup_command: str | None = None
+    run_command: str | None = None
+    resources: Resources = Resources()
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str | None) -> str | None:
+        # A leading '-' would be read as an option by anything that shells out.
+        if value is not None and not _IMAGE_RE.match(value):
+            raise ValueError(f"{value!r} is not a Docker image reference such as 'python:3.12'")
+        return value
+
+    @field_validator("setup_command", "run_command")
+    @classmethod
+    def _command(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "\x00" in value):
+            raise ValueError("a command must be non-empty text without NUL characters")
+        return value
+
+
+class Permissions(BaseModel):
+    """What the agent may reach on the network."""
+
+    model_config = _FROZEN
+
+    network: list[NetworkRule] = []
+    network_unrestricted: bool = Field(False, strict=True)
+
+    @field_validator("network")
+    @classmethod
+    def _unique(cls, rules: list[NetworkRule]) -> list[NetworkRule]:
+        seen: set[str] = set()
+        for rule in rules:
+            if rule.domain in seen:
+                raise ValueError(f"{rule.domain!r} is listed twice")
+            seen.add(rule.domain)
+        return rules
+
+
+_PROVIDER_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+class KeyRequirement(BaseModel):
+    """An API key the agent uses, served through the in-sandbox key proxy.
+
+    Known providers are pinned to their domain, base path and auth style; only their env
+    names may be renamed. Unknown providers must declare ``domain``.
+    """
+
+    model_config = _FROZEN
+
+    provider: str = Field(max_length=40)
+    env_var: str | None = None
+    required: bool = Field(True, strict=True)
+    domain: str | None = None
+    base_url_env: str | None = None
+    auth_style: str | None = None
+    base_path: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"provider": data} if isinstance(data, str) else data
+
+    @field_validator("provider")
+    @classmethod
+    def _provider(cls, value: str) -> str:
+        if not _PROVIDER_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a provider name; use lower-case letters, digits and '-', "
+                "starting with a letter (no '_')"
+            )
+        return value
+
+    @field_validator("env_var", "base_url_env")
+    @classmethod
+    def _env(cls, value: str | None) -> str | None:
+        return None if value is None else _check_env_name(value)
+
+    @field_validator("domain", mode="before")
+    @classmethod
+    def _domain(cls, value: Any) -> str | None:
+        # Exact host only: the proxy pins each key to this one name.
+        return None if value is None else normalize_domain(value)
+
+    @field_validator("auth_style")
+    @classmethod
+    def _auth(cls, value: str | None) -> str | None:
+        return None if value is None else _check_auth_style(value)
+
+    @field_validator("base_path")
+    @classmethod
+    def _base_path(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return value
+        if (
+            not _BASE_PATH_RE.match(value)
+            or len(value) > 200
+            or any(seg in (".", "..") for seg in value.split("/"))
+        ):
+            raise ValueError(
+                f"{value!r} is not a base path; use '/segment/...' without '..', query or "
+                "trailing '/'"
+            )
+        return value
+
+    @property
+    def known(self) -> ProviderInfo | None:
+        """The pinned table entry when this is a known provider."""
+        return KNOWN_PROVIDERS.get(self.provider)
+
+    def effective_env_names(self) -> tuple[str, str]:
+        """``(env_var, base_url_env)`` after defaults are applied."""
+        info = self.known
+        stem = self.provider.upper().replace("-", "_")
+        env = self.env_var or (info.env_var if info else f"{stem}_API_KEY")
+        base = self.base_url_env or (info.base_url_env if info else f"{stem}_BASE_URL")
+        return env, base
+
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+class Manifest(BaseModel):
+    """The whole ``agent.yaml``."""
+
+    model_config = _FROZEN
+
+    name: str = Field(max_length=64)
+    version: str = "0.0.0"
+    description: str = ""
+    runtime: Runtime = Runtime()
+    permissions: Permissions = Permissions()
+    keys: list[KeyRequirement] = []
+
+    _source: Path | None = PrivateAttr(default=None)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not an agent name; use lower-case letters, digits, '.', '_' "
+                "and '-', starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        # `version: 1.0` arrives from YAML as a float.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @model_validator(mode="after")
+    def _keys_consistent(self) -> Manifest:
+        _check_keys(self.keys)
+        return self
+
+    @property
+    def source(self) -> Path | None:
+        """The file this manifest was loaded from, if any."""
+        return self._source
+
+
+def _check_keys(keys: Sequence[KeyRequirement]) -> None:
+    """Cross-key rules; messages name the offending entry because pydantic cannot."""
+    providers: dict[str, int] = {}
+    env_owner: dict[str, str] = {}
+    for i, key in enumerate(keys):
+        where = f"keys[{i}]"
+        if key.provider in providers:
+            raise ValueError(
+                f"{where}.provider: {key.provider!r} is declared twice "
+                f"(also keys[{providers[key.provider]}])"
+            )
+        providers[key.provider] = i
+        if key.known is None and key.domain is None:
+            raise ValueError(
+                f"{where}.domain: provider {key.provider!r} is not a known provider, "
+                "so it must declare its API domain (domain: api.example.com)"
+            )
+        env, base = key.effective_env_names()
+        for field, name in (("env_var", env), ("base_url_env", base)):
+            upper = name.upper()
+            owner = _KNOWN_ENV_OWNER.get(upper)
+            if owner is not None and owner != key.provider:
+                raise ValueError(
+                    f"{where}.{field}: {name!r} belongs to the known provider {owner!r}; "
+                    "choose another name"
+                )
+            if upper in env_owner:
+                raise ValueError(
+                    f"{where}.{field}: {name!r} is already used by {env_owner[upper]}; "
+                    "every key needs its own env names"
+                )
+            env_owner[upper] = f"{where}.{field}"
+
+
+# ------------------------------------------------------------------------------ routes
+
+
+@dataclass(frozen=True)
+class KeyRoute:
+    """One key as the key proxy serves it: where it goes and how it is presented."""
+
+    provider: str
+    env_var: str
+    base_url_env: str
+    domain: str
+    auth_style: str
+    base_path: str
+    required: bool
+
+
+def _route(key: KeyRequirement) -> KeyRoute:
+    env, base = key.effective_env_names()
+    info = key.known
+    if info is not None:
+        # Pinned: a manifest cannot send a known provider's key to another host.
+        domain, auth, base_path = info.domain, info.auth_style, info.base_path
+    else:
+        assert key.domain is not None  # guaranteed by Manifest validation
+        domain, auth, base_path = key.domain, key.auth_style or "bearer", key.base_path or ""
+    return KeyRoute(
+        provider=key.provider,
+        env_var=env,
+        base_url_env=base,
+        domain=domain,
+        auth_style=auth,
+        base_path=base_path,
+        required=key.required,
+    )
+
+
+def resolve_key_routes(manifest: Manifest, extra_providers: Sequence[str] = ()) -> list[KeyRoute]:
+    """The key routes for a sandbox: the manifest's keys plus providers a marker names.
+
+    An extra known provider gets its table route (required); an extra unknown provider
+    must be declared in the manifest, because only there can its domain be pinned.
+    """
+    keys = list(manifest.keys)
+    declared = {k.provider for k in keys}
+    for name in extra_providers:
+        if name in declared:
+            continue
+        if name not in KNOWN_PROVIDERS:
+            raise ManifestError(
+                f"provider {name!r} is not a known provider ({', '.join(KNOWN_PROVIDERS)}); "
+                f"declare it under `keys:` in agent.yaml with its domain"
+            )
+        keys.append(KeyRequirement(provider=name))
+        declared.add(name)
+    try:
+        _check_keys(keys)
+    except ValueError as exc:
+        raise ManifestError(f"{_source_label(manifest)}: {exc}") from None
+    return [_route(k) for k in keys]
+
+
+# ------------------------------------------------------------------------------ errors
+
+_TYPE_WORDS = {
+    "string_type": "expected text",
+    "int_type": "expected a whole number",
+    "int_parsing": "expected a whole number",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping (key: value pairs)",
+    "model_type": "expected a mapping (key: value pairs)",
+    "model_attributes_type": "expected a mapping (key: value pairs)",
+    "missing": "this field is required",
+    "finite_number": "expected a finite number",
+}
+
+
+def _loc_path(loc: Iterable[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """Field names valid at ``loc``'s parent, for "did you mean" hints on typos."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", None)
+        current = args[0] if args else ann
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+    return list(current.model_fields)
+
+
+def _describe(err: Mapping[str, Any], model: type[BaseModel]) -> str:
+    kind = err["type"]
+    loc = tuple(err["loc"])
+    if kind == "value_error":
+        text = str(err["ctx"]["error"])
+    elif kind == "extra_forbidden":
+        allowed = _allowed_fields(model, loc)
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        text = "unknown field" + (f", did you mean {hint[0]!r}?" if hint else "")
+        if allowed:
+            text += f" (allowed: {', '.join(allowed)})"
+    elif kind in _TYPE_WORDS:
+        text = _TYPE_WORDS[kind]
+        if kind not in ("missing", "finite_number"):
+            text += f", got {type(err['input']).__name__}"
+    else:
+        # Constraint errors ("Input should be greater than 0") are plain English already;
+        # only numbers are echoed, text might be a mis-pasted secret.
+        text = err["msg"]
+        if isinstance(err.get("input"), int | float) and not isinstance(err["input"], bool):
+            text += f", got {err['input']!r}"
+    path = _loc_path(loc)
+    # Cross-key rules put their own path in the message.
+    return f"{path}: {text}" if path else text
+
+
+def _convert(exc: ValidationError, source: str, model: type[BaseModel]) -> ManifestError:
+    parts = [_describe(e, model) for e in exc.errors(include_url=False)]
+    return ManifestError(f"{source}: " + "; ".join(parts))
+
+
+def _source_label(manifest: Manifest) -> str:
+    return str(manifest.source) if manifest.source else "<manifest>"
+
+
+# ------------------------------------------------------------------------------ loading
+
+_MAX_MANIFEST_BYTES = 1024 * 1024
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, which PyYAML silently overwrites."""
+
+
+def _mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if not isinstance(key, str | int | float | bool | None):
+            continue  # unhashable keys get construct_mapping's own error below
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _mapping_no_duplicates,  # type: ignore[arg-type]
+)
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    # Only problem, context and position: str(exc) quotes the offending line.
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(exc, "problem", None) or "cannot be parsed"
+    context = getattr(exc, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    return f"{where}YAML syntax error: {detail}"
+
+
+def load_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read and validate ``agent.yaml``; every problem becomes one readable ManifestError."""
+    p = Path(path)
+    label = str(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(
+            f"agent manifest not found: {label}; pass --agentbox-manifest=PATH "
+            "or set agentbox_manifest in pytest.ini"
+        ) from None
+    except IsADirectoryError:
+        raise ManifestError(f"{label}: is a directory, expected the agent.yaml file") from None
+    except OSError as exc:
+        raise ManifestError(f"{label}: cannot be read ({exc.strerror})") from None
+    if len(raw) > _MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{label}: is larger than 1 MiB; this is not an agent manifest")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{label}: is not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{label}: {_yaml_message(exc)}") from None
+    manifest = manifest_from_dict(data, source=label)
+    manifest._source = p
+    return manifest
+
+
+def manifest_from_dict(data: Any, source: str = "<manifest>") -> Manifest:
+    """Validate already-parsed manifest data; errors name ``source`` like load_manifest."""
+    if not isinstance(data, Mapping):
+        got = "an empty document" if data is None else f"a {type(data).__name__}"
+        raise ManifestError(
+            f"{source}: the top level must be a mapping (name: ..., keys: ...), got {got}"
+        )
+    try:
+        return Manifest.model_validate(dict(data))
+    except ValidationError as exc:
+        raise _convert(exc, source, Manifest) from None
+
+
+# ---------------------------------------------------------------------------- overrides
+
+OVERRIDE_KEYS: tuple[str, ...] = (
+    "image",
+    "setup_command",
+    "run_command",
+    "resources",
+    "network",
+    "network_unrestricted",
+    "keys",
+)
+"""Override names :func:`apply_overrides` consumes; the caller owns every other name."""
+
+
+def _as_list(name: str, value: Any) -> list[Any]:
+    if isinstance(value, str | Mapping | KeyRequirement | NetworkRule):
+        return [value]
+    if isinstance(value, Iterable):
+        return list(value)
+    raise ManifestError(f"override {name}=: expected a list, got {type(value).__name__}")
+
+
+def _merge_keys(current: list[dict[str, Any]], value: Any) -> list[dict[str, Any]]:
+    keys = list(current)
+    for item in _as_list("keys", value):
+        entry = item.model_dump(exclude_none=True) if isinstance(item, KeyRequirement) else item
+        if isinstance(entry, str):
+            if any(k["provider"] == entry for k in keys):
+                continue
+            if entry not in KNOWN_PROVIDERS:
+                raise ManifestError(
+                    f"override keys=: provider {entry!r} is not a known provider "
+                    f"({', '.join(KNOWN_PROVIDERS)}); declare it under `keys:` in agent.yaml "
+                    "or pass a mapping with its domain"
+                )
+            keys.append({"provider": entry})
+        elif isinstance(entry, Mapping):
+            # A mapping for an already declared provider replaces that declaration.
+            keys = [k for k in keys if k.get("provider") != entry.get("provider")]
+            keys.append(dict(entry))
+        else:
+            raise ManifestError(
+                f"override keys=: expected provider names or mappings, got {type(entry).__name__}"
+            )
+    return keys
+
+
+def _merge_network(current: list[dict[str, Any]], value: Any) -> list[dict[str, Any]]:
+    rules = list(current)
+    present = {r["domain"] for r in rules}
+    for item in _as_list("network", value):
+        entry = item.model_dump() if isinstance(item, NetworkRule) else item
+        domain = entry if isinstance(entry, str) else None
+        if isinstance(entry, Mapping):
+            domain = entry.get("domain")
+        try:
+            normal = normalize_domain(domain, allow_wildcard=True)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ManifestError(f"override network=: {exc}") from None
+        if normal in present:
+            continue  # adding an already allowed domain is harmless
+        present.add(normal)
+        rules.append({"domain": entry} if isinstance(entry, str) else dict(entry))
+    return rules
+
+
+def apply_overrides(
+    manifest: Manifest, overrides: Mapping[str, Any]
+) -> tuple[Manifest, dict[str, Any]]:
+    """Apply per-test overrides (``@pytest.mark.agentbox(...)``, ``sandbox_factory(...)``).
+
+    Consumes the names in :data:`OVERRIDE_KEYS` and returns the re-validated manifest and
+    the overrides it did not consume, for the caller to handle or refuse. ``network``
+    and ``keys`` add to the manifest; ``resources`` merges over the current limits.
+    """
+    data = manifest.model_dump(exclude_none=True)
+    runtime = data.setdefault("runtime", {})
+    permissions = data.setdefault("permissions", {})
+    leftover: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if name in ("image", "setup_command", "run_command"):
+            runtime[name] = value
+        elif name == "resources":
+            if not isinstance(value, Mapping):
+                raise ManifestError(
+                    f"override resources=: expected a mapping such as {{'memory': '2g'}}, "
+                    f"got {type(value).__name__}"
+                )
+            runtime["resources"] = {**runtime.get("resources", {}), **value}
+        elif name == "network":
+            permissions["network"] = _merge_network(permissions.get("network", []), value)
+        elif name == "network_unrestricted":
+            permissions["network_unrestricted"] = value
+        elif name == "keys":
+            data["keys"] = _merge_keys(data.get("keys", []), value)
+        else:
+            leftover[name] = value
+    # model_dump drops None, so an explicit None override must clear the field here.
+    for name in ("image", "setup_command", "run_command"):
+        if name in overrides and overrides[name] is None:
+            runtime.pop(name, None)
+    label = f"{_source_label(manifest)} with test overrides"
+    result = manifest_from_dict(data, source=label)
+    result._source = manifest.source
+    return result, leftover
