@@ -22,6 +22,8 @@ _STATE_KEY = pytest.StashKey["abs_session.RunState"]()
 _SANDBOXES = pytest.StashKey[list]()
 _CALL_FAILED = pytest.StashKey[bool]()
 
+_PATH_OPTIONS = ("manifest", "vault", "state-dir")
+
 _MARKERS = (
     "agentbox(**overrides): per-test sandbox overrides: image=, setup_command=, resources=, "
     "keys=, network=, network_unrestricted=, state=, timeout=",
@@ -96,6 +98,9 @@ class _Options:
             return cli
         ini = self._config.getini("agentbox_" + name.replace("-", "_"))
         if ini not in (None, "", []):
+            # Paths in an ini file are relative to that file, wherever pytest runs from.
+            if name in _PATH_OPTIONS and self._config.inipath is not None:
+                return str(self._config.inipath.parent / ini)
             return ini
         return os.environ.get("AGENTBOX_" + name.upper().replace("-", "_")) or None
 

@@ -25,6 +25,7 @@ from .sandbox import DEFAULT_IMAGE, Sandbox, SandboxConfig, close_all
 
 __all__ = ["DEFAULT_IMAGE", "STATS", "RunState", "close_all", "report_sections", "setup_summary"]
 
+DECOY_DOMAIN = "decoy.agentbox.test"
 _TEST_ONLY_OVERRIDES = ("state", "cap_add", "timeout", "image")
 
 
@@ -193,7 +194,8 @@ class RunState:
         domains = [p.domain for p in KNOWN_PROVIDERS.values()]
         domains += [r.domain for r in self.manifest.permissions.network if "*" not in r.domain]
         domains += [k.domain for k in self.manifest.keys if k.domain]
-        domains += list(extra_domains)
+        # A decoy that really answers, so negative tests prove refusal, not a DNS miss.
+        domains += [DECOY_DOMAIN, *extra_domains]
         return FakeUpstream(
             domains, image=self.default_image, client=client, run_id=self.run_id
         ).start()

@@ -1,0 +1,72 @@
+"""Shared fixtures of the project's own tests.
+
+Docker-backed tests get the engine through ``docker_client``: skipped with one reason
+when no engine answers, failed when ``--agentbox-require-docker`` is given (CI).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pytest_agentbox import engine, paths
+from pytest_agentbox.errors import DockerUnavailable, ImageMissing
+from pytest_agentbox.sandbox import DEFAULT_IMAGE, Sandbox, SandboxConfig
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(scope="session")
+def docker_client(pytestconfig: pytest.Config) -> Any:
+    try:
+        client = engine.get_client()
+        engine.ensure_image(client, image_name(pytestconfig))
+    except (DockerUnavailable, ImageMissing) as exc:
+        if pytestconfig.getoption("--agentbox-require-docker") or pytestconfig.getini(
+            "agentbox_require_docker"
+        ):
+            pytest.fail(str(exc), pytrace=False)
+        pytest.skip(str(exc))
+    return client
+
+
+def image_name(config: pytest.Config) -> str:
+    return config.getoption("--agentbox-image") or config.getini("agentbox_image") or DEFAULT_IMAGE
+
+
+@pytest.fixture
+def base_image(pytestconfig: pytest.Config) -> str:
+    return image_name(pytestconfig)
+
+
+@pytest.fixture
+def make_sandbox(docker_client: Any, base_image: str) -> Iterator[Any]:
+    """Sandbox.create without the plugin (for configs the markers cannot express)."""
+    made: list[Sandbox] = []
+
+    def make(**kwargs: Any) -> Sandbox:
+        kwargs.setdefault("image", base_image)
+        return Sandbox.create(SandboxConfig(**kwargs), docker_client, on_created=made.append)
+
+    yield make
+    for sb in made:
+        sb.close()
+
+
+@pytest.fixture
+def random_key() -> str:
+    """A fake API key, random per run: nothing real ever appears in tests."""
+    return "sk-test-" + secrets.token_hex(20)
+
+
+def ours(client: Any, run_id: str) -> list[Any]:
+    """Containers, networks and volumes labelled with ``run_id``."""
+    flt = {"label": f"{paths.LABEL_RUN}={run_id}"}
+    return [
+        *client.containers.list(all=True, filters=flt),
+        *client.networks.list(filters=flt),
+        *client.volumes.list(filters=flt),
+    ]
