@@ -172,14 +172,13 @@ def open_upstream(host: str, port: int) -> socket.socket:
 
 def pump(src: socket.socket, dst: socket.socket, counter: list, idx: int, seen: list) -> None:
     """Copy src to dst with a 64 KiB buffer until EOF, then pass the half-close on."""
-    buf = bytearray(BUF)
-    view = memoryview(buf)
+    view = memoryview(bytearray(BUF))
     for s in (src, dst):  # one value: a socket's timeout is shared by both directions
         s.settimeout(POLL)
     try:
         while True:
             try:
-                n = src.recv_into(buf)
+                n = src.recv_into(view)
             except socket.timeout:  # noqa: UP041 -- not TimeoutError on Python 3.9
                 if time.monotonic() - seen[0] < TUNNEL_IDLE:
                     continue  # the other direction is still busy
@@ -258,13 +257,14 @@ def serve_one(cfg: dict, lock: threading.Lock, conn: socket.socket) -> None:
 
 def run(handler: Callable[[socket.socket], None], conn: socket.socket) -> None:
     try:
-        handler(conn)
+        with contextlib.suppress(OSError):  # a peer gone early is not worth a traceback
+            handler(conn)
     finally:
         SLOTS.release()
 
 
 def accept_loop(listener: socket.socket, handler: Callable[[socket.socket], None]) -> None:
-    """Accept forever; one daemon thread per connection, at most MAX_CONN in all."""
+    """Accept forever; one daemon thread per connection, at most 256 in all."""
     while True:
         try:
             conn, _ = listener.accept()
@@ -284,10 +284,8 @@ def listen(cfg_addr: list | str, mode: int = 0o600) -> socket.socket:
             os.unlink(cfg_addr)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o777)  # no window in which the socket is reachable by others
-        try:
-            sock.bind(cfg_addr)
-        finally:
-            os.umask(old)
+        sock.bind(cfg_addr)  # (a failure ends the process: no umask to restore)
+        os.umask(old)
         os.chmod(cfg_addr, mode)
         sock.listen(128)
         return sock
@@ -297,13 +295,9 @@ def listen(cfg_addr: list | str, mode: int = 0o600) -> socket.socket:
 
 def forward_one(unix_path: str, conn: socket.socket) -> None:
     """Relay one accepted TCP connection byte for byte to the Unix socket."""
-    up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+    with conn, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as up:
         up.connect(unix_path)
-    except OSError:
-        up.close()
-        return conn.close()
-    relay(conn, up, [0, 0])
+        relay(conn, up, [0, 0])
 
 
 def main(argv: list[str]) -> int:
