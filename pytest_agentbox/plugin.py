@@ -63,6 +63,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="bridge",
     )
     both("timeout", "default timeout of sandbox.run, seconds (default 300)", default="300")
+    parser.addini(
+        "agentbox_fake_upstream_domains",
+        "extra domain names the fake_upstream fixture answers for",
+        type="linelist",
+        default=[],
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -167,7 +173,8 @@ def vault(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
 def _agentbox_upstream(request: pytest.FixtureRequest) -> Iterator[Any]:
     state = _state(request.config)
     with _engine_guard(state):
-        upstream = state.start_fake_upstream()
+        extra = request.config.getini("agentbox_fake_upstream_domains")
+        upstream = state.start_fake_upstream(tuple(extra))
     try:
         yield upstream
     finally:

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -423,15 +423,21 @@ class Sandbox:
 
         from . import state
 
-        sources = []
-        for name in state.ALLOWED_DIRS:
-            try:
-                stream, _ = self.container.get_archive(f"{self.home}/{name}")
-            except NotFound:
-                continue
-            sources.append(stream)
+        def sources() -> Iterator[Any]:
+            # One archive at a time: the engine holds the container's lock while an
+            # archive stream is open, so asking for the next one first would deadlock.
+            for name in state.ALLOWED_DIRS:
+                try:
+                    stream, _ = self.container.get_archive(f"{self.home}/{name}")
+                except NotFound:
+                    continue
+                yield stream
+
         limits = self.config.state_limits or state.Limits()
-        report = self.config.state_store.save_from(self.config.state_scope, sources, limits=limits)
+        report = self.config.state_store.save_from(
+            self.config.state_scope, sources(), limits=limits,
+            uid=self.user["uid"], gid=self.user["gid"],
+        )  # fmt: skip
         self.state_report = report.summary()
 
     def _run_setup_command(self, command: str) -> None:

@@ -57,6 +57,8 @@ def _serve(client: Any, sidecar: Any, policy: Any) -> None:
         "listen_unix": f"{SOCKET_DIR}/egress.sock",
         "listen_tcp": None,
         "allow": list(policy.allowlist()),
+        # A declared *.github.com must still not reach codeload.github.com.
+        "deny": list(policy.denylist()),
         "ports": [80, 443],
         "log_path": DECISIONS_LOG,
         "socket_mode": 0o600,

@@ -383,10 +383,13 @@ class _Cleaner:
         size = 0 if is_dir else m.size
         if self._capped is None and len(report.kept) + len(missing) >= self._limits.max_members:
             self._capped = "member cap"
-        if self._capped is None and report.total_bytes + size > self._limits.max_total_bytes:
-            self._capped = "size cap"
         if self._capped:
             report._drop(m.name, self._capped)
+            return
+        # Only the member that does not fit is dropped: one runaway file must not cost
+        # the agent every legitimate file that happens to come after it.
+        if report.total_bytes + size > self._limits.max_total_bytes:
+            report._drop(m.name, "size cap")
             return
         mtime = _mtime(m.mtime)
         for parent in missing:  # parents are emitted before their children

@@ -16,8 +16,6 @@ from pytest_agentbox import engine, paths
 from pytest_agentbox.errors import DockerUnavailable, ImageMissing
 from pytest_agentbox.sandbox import DEFAULT_IMAGE, Sandbox, SandboxConfig
 
-pytest_plugins = ["pytester"]
-
 
 @pytest.fixture(scope="session")
 def docker_client(pytestconfig: pytest.Config) -> Any:

