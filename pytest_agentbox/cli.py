@@ -1,4 +1,4 @@
-"""The ``agentbox`` command line: ``agentbox keys add|list|remove`` (more groups later).
+"""The ``agentbox`` command line: ``keys add|list|remove``, ``image build``, ``gc``, ``state``.
 
 Each group registers itself on the shared ``subparsers`` object in :func:`build_parser`
 and each command is one ``_cmd_<group>_<command>(args) -> int`` function. Errors the
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import subprocess
 import sys
 from pathlib import Path
 
 from .errors import AgentboxError, KeyMissing, VaultError
+from .sandbox import DEFAULT_IMAGE
 from .vault import Vault, validate_provider
 
 EXIT_OK = 0
@@ -26,7 +28,80 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     _add_keys_group(subparsers)
+    _add_image_group(subparsers)
+    _add_gc_group(subparsers)
+    _add_state_group(subparsers)
     return parser
+
+
+def _add_image_group(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    image = subparsers.add_parser("image", help="build the sandbox base image")
+    cmds = image.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    build = cmds.add_parser(
+        "build", help="debootstrap a Debian base image and docker import it (no registry needed)"
+    )
+    build.add_argument("--tag", default=DEFAULT_IMAGE, help=f"image tag (default {DEFAULT_IMAGE})")
+    build.set_defaults(func=_cmd_image_build)
+
+
+def _add_gc_group(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gc = subparsers.add_parser(
+        "gc", help="remove sandboxes, networks and volumes that crashed runs left behind"
+    )
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc.set_defaults(func=_cmd_gc)
+
+
+def _add_state_group(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dir_opt = argparse.ArgumentParser(add_help=False)
+    dir_opt.add_argument(
+        "--state-dir", type=Path, default=Path(".pytest_cache/agentbox/state"), metavar="DIR",
+        help="state store (default: .pytest_cache/agentbox/state)",
+    )  # fmt: skip
+    state = subparsers.add_parser("state", help="list or clear persisted sandbox state")
+    cmds = state.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    cmds.add_parser("list", parents=[dir_opt], help="list stored states").set_defaults(
+        func=_cmd_state_list
+    )
+    clear = cmds.add_parser("clear", parents=[dir_opt], help="delete one state, or all")
+    clear.add_argument("scope", nargs="?", help="e.g. research-assistant/memory (default: all)")
+    clear.set_defaults(func=_cmd_state_clear)
+
+
+def _cmd_image_build(args: argparse.Namespace) -> int:
+    script = Path(__file__).parent / "build-base-image.sh"
+    # Progress goes straight to the terminal: a debootstrap takes minutes.
+    return subprocess.call(["bash", str(script), args.tag])
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from . import cleanup, engine
+
+    leaked = cleanup.collect(engine.get_client(), dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for item in leaked:
+        print(f"{verb} {item.kind} {item.name} (owner pid {item.owner} is gone)")
+    print(f"{verb} {len(leaked)} leaked object(s)")
+    return EXIT_OK
+
+
+def _cmd_state_list(args: argparse.Namespace) -> int:
+    from .state import StateStore
+
+    infos = StateStore(args.state_dir).list()
+    for info in infos:
+        print(f"{info.scope}\t{info.members} members\t{info.size} bytes")
+    if not infos:
+        print(f"no stored state in {args.state_dir}")
+    return EXIT_OK
+
+
+def _cmd_state_clear(args: argparse.Namespace) -> int:
+    from .state import StateStore
+
+    n = StateStore(args.state_dir).clear(args.scope)
+    print(f"removed {n} stored state(s)")
+    return EXIT_OK
 
 
 def _add_keys_group(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -119,10 +119,11 @@ def test_setup_command_runs_as_user_after_hardening(sandbox_factory: Any) -> Non
     sb = sandbox_factory(
         setup_command=(
             "id -u > ~/setup-uid; ps -eo user= | sort -u > ~/setup-users; "
-            "command -v sudo > ~/setup-sudo; grep -c hidepid /proc/mounts > ~/setup-hidepid"
+            "command -v sudo > ~/setup-sudo; "
+            "grep ' /proc proc ' /proc/mounts | grep -c hidepid > ~/setup-hidepid"
         )
     )
-    assert sb.read_file("~/setup-uid".replace("~", sb.home)).strip() == str(sb.user["uid"])
+    assert sb.read_file(f"{sb.home}/setup-uid").decode().strip() == str(sb.user["uid"])
     assert sb.read_file(f"{sb.home}/setup-users").split() == [sb.user["name"].encode()]
     assert sb.read_file(f"{sb.home}/setup-sudo") == b""
     assert sb.read_file(f"{sb.home}/setup-hidepid").strip() == b"1"

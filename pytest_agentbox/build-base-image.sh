@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the agentbox test base image without any image registry: debootstrap a
 # minimal Debian from the mirror apt already uses, then `docker import` it.
-# Usage: images/build-base-image.sh [TAG]   (default: agentbox/base:bookworm)
+# Usage: agentbox image build [--tag TAG]  (or: bash pytest_agentbox/build-base-image.sh [TAG])   (default: agentbox/base:bookworm)
 set -euo pipefail
 
 tag="${1:-agentbox/base:bookworm}"
