@@ -139,7 +139,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    # Runs on the xdist controller too, fed by the workers' reports.
+    # Runs on the xdist controller too, fed by the workers' reports. Every phase's
+    # report carries the item's user_properties: read them once, at teardown.
+    if report.when != "teardown":
+        return
     for name, value in report.user_properties:
         if name == "agentbox_setup":
             abs_session.STATS.add_setup(value)

@@ -6,9 +6,11 @@ internal Docker network, answering for the declared names and for a decoy.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -87,10 +89,20 @@ def test_sandbox_has_no_route_no_dns_and_only_loopback(declared: Any) -> None:
     assert declared.run(["python3", "-c", py]).stdout.startswith("no-dns")
 
 
+def iface_ipv4(name: str) -> str:
+    """The IPv4 address of a host interface (SIOCGIFADDR), without any tool."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+    return socket.inet_ntoa(packed[20:24])
+
+
 @pytest.fixture
 def host_decoy(docker_client: Any) -> Iterator[tuple[str, int, list[int]]]:
     """A TCP server on the host's own Docker bridge address, counting connections."""
-    gateway = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+    bridge = docker_client.networks.get("bridge").attrs
+    gateway = bridge["IPAM"]["Config"][0].get("Gateway") or iface_ipv4(
+        bridge["Options"].get("com.docker.network.bridge.name", "docker0")
+    )
     srv = socket.socket()
     srv.bind((gateway, 0))
     srv.listen()
