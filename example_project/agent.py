@@ -89,10 +89,12 @@ def ask(question: str, on_delta) -> str:
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "--once":
         try:
-            print(ask(argv[1], lambda d: None))
+            answer = ask(argv[1], lambda d: None)
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        remember(argv[1], answer)
+        print(answer)
         return 0
     emit({"type": "ready", "remembered": len(remembered())})
     for line in sys.stdin:

@@ -116,7 +116,10 @@ class _Options:
 
     @property
     def cache_dir(self) -> Path:
-        return Path(self._config.getini("cache_dir") or ".pytest_cache")
+        try:
+            return Path(self._config.getini("cache_dir") or ".pytest_cache")
+        except ValueError:  # -p no:cacheprovider removes the ini key, not the need
+            return Path(".pytest_cache")
 
 
 def _state(config: pytest.Config) -> abs_session.RunState:

@@ -31,9 +31,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def openai_key(vault: Any) -> str:
-    """The key the upstream must receive; random per test unless the vault has one."""
+    """The key the upstream must receive; random per test unless the vault has one.
+
+    Autouse, so the key is in the vault before any sandbox fixture asks for it.
+    """
     if not vault.has("openai"):
         vault.add("openai", "sk-test-" + secrets.token_hex(24))
     return vault.get("openai")
