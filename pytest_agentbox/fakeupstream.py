@@ -10,6 +10,7 @@ machine.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import time
@@ -126,6 +127,7 @@ class FakeUpstream:
         headers: Mapping[str, str] | None = None,
         sse: Sequence[Mapping[str, Any]] | None = None,
         gzip: bool = False,
+        data: bytes | None = None,
     ) -> None:
         """Program a single response rule (a shortcut for :meth:`program`)."""
         hdrs = dict(headers or {})
@@ -136,6 +138,8 @@ class FakeUpstream:
                                 "headers": hdrs, "body": body, "gzip": gzip}  # fmt: skip
         if sse is not None:
             rule["sse"] = list(sse)
+        if data is not None:
+            rule["body_b64"] = base64.b64encode(data).decode()
         self.program([rule])
 
     def requests(self) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ RULES.json is re-read on every request: a list of rules, the first match wins::
 
     {"method": "POST" | "*", "path": "/v1/chat/completions" | "/v1/*",
      "status": 200, "headers": {...}, "body": "text" | null, "gzip": false,
+    "body_b64": "<base64 bytes>" | null, "body_size": N | null,
      "sse": [{"data": "...", "delay": 0.0}, ...] | null, "chunk_delay": 0.0,
      "hang": seconds, "close": true}
 
@@ -21,6 +22,7 @@ On start one line ``{"ready": true, "port": N}`` goes to stdout (``--port 0`` wo
 from __future__ import annotations
 
 import argparse
+import base64
 import gzip
 import json
 import socket
@@ -105,7 +107,12 @@ class Handler(BaseHTTPRequestHandler):
         status, headers = int(rule.get("status", 200)), dict(rule.get("headers") or {})
         if rule.get("sse") is not None:
             return self.send_sse(status, headers, rule["sse"])
-        data = str(rule.get("body") or "").encode()
+        if rule.get("body_b64"):  # binary payloads: wheels, archives
+            data = base64.b64decode(rule["body_b64"])
+        elif rule.get("body_size"):  # large bodies for throughput benchmarks
+            data = b"x" * int(rule["body_size"])
+        else:
+            data = str(rule.get("body") or "").encode()
         if rule.get("gzip"):
             data = gzip.compress(data)
             headers["content-encoding"] = "gzip"
