@@ -6,6 +6,7 @@ internal Docker network, answering for the declared names and for a decoy.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import ipaddress
 import json
@@ -200,3 +201,54 @@ def test_wildcard_matches_on_label_boundary(fake_upstream: Any, sandbox_factory:
     sb = sandbox_factory(network=["*.github.com"])
     assert sb.run(f"curl -sS https://{DECLARED}/").stdout == "wild"
     assert sb.run(f"curl -sS -o /dev/null https://{DECOY_DOMAIN}/").exit_code != 0
+
+
+def tiny_wheel() -> bytes:
+    """A valid pure-Python wheel built in memory (nothing downloaded to make it)."""
+    import hashlib
+    import io
+    import zipfile
+
+    files = {
+        "demo_pkg/__init__.py": b"VALUE = 42\n",
+        "demo_pkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.0\n",
+        "demo_pkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\n"
+        b"Root-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append("demo_pkg-1.0.dist-info/RECORD,,")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr("demo_pkg-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+    return buf.getvalue()
+
+
+def test_pip_download_from_a_declared_index_uses_only_the_sandbox_environment(
+    fake_upstream: Any, sandbox_factory: Any
+) -> None:
+    index = "pypi.agentbox.test"
+    wheel = "demo_pkg-1.0-py3-none-any.whl"
+    page = f'<html><body><a href="https://{index}/files/{wheel}">{wheel}</a></body></html>'
+    fake_upstream.program(
+        [
+            {"method": "GET", "path": "/simple/demo-pkg/", "body": page,
+             "headers": {"content-type": "text/html"}},
+            {"method": "GET", "path": f"/files/{wheel}",
+             "body_b64": base64.b64encode(tiny_wheel()).decode()},
+        ]
+    )  # fmt: skip
+    sb = sandbox_factory(network=[index])
+    r = sb.run(
+        f"python3 -m pip download --no-deps --disable-pip-version-check -d ~/dl "
+        f"--index-url https://{index}/simple demo-pkg && ls ~/dl",
+        timeout=120,
+    )
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert wheel in r.stdout
+    hosts = {d["host"] for d in decisions(sb) if d["decision"] == "allow"}
+    assert hosts == {index}
