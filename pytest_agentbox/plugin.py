@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext as _nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,7 @@ def sandbox_factory(request: pytest.FixtureRequest, vault: Any) -> Iterator[Call
         with _engine_guard(state):
             try:
                 config = state.sandbox_config(item, overrides, vault=vault, upstream=upstream)
+                config.progress = _progress(request.config, item.nodeid)
             except KeyMissing as exc:
                 if state.strict_keys:
                     pytest.fail(str(exc), pytrace=False)
@@ -230,6 +232,23 @@ def sandbox_factory(request: pytest.FixtureRequest, vault: Any) -> Iterator[Call
         cleaned = state.take_cleaned()
         if cleaned:
             item.user_properties.append(("agentbox_cleaned", cleaned))
+
+
+def _progress(config: pytest.Config, nodeid: str) -> Callable[[str], None] | None:
+    """A line on the terminal before a long step, so a slow setup is not a silent pause.
+
+    Quiet under -q, and under xdist workers (they have no terminal of their own).
+    """
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or config.get_verbosity() < 0 or hasattr(config, "workerinput"):
+        return None
+
+    def show(message: str) -> None:
+        with capman.global_and_fixture_disabled() if capman else _nullcontext():
+            reporter.write_line(f"{message}  [{nodeid}]")
+
+    return show
 
 
 @pytest.fixture

@@ -1,0 +1,160 @@
+"""What a user reads: report sections, kept sandboxes, progress, and every error message."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_inner(pytester: pytest.Pytester, base_image: str, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(
+        "-p", "no:benchmark", f"--agentbox-image={base_image}", *args, timeout=300
+    )
+
+
+def test_demo_failure_shows_every_report_section_and_no_secret(
+    docker_client: Any, base_image: str, tmp_path: Path
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:benchmark", "-p", "no:cacheprovider",
+         f"--agentbox-image={base_image}", "--agentbox-require-docker", "--demo-failure",
+         "-k", "demo_failure", "example_project"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTEST_XDIST_TESTRUNUID": os.urandom(8).hex()},
+    )  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 1, out[-2000:]
+    for section in ("agentbox: setup", "agentbox: egress policy", "agentbox: commands",
+                    "agentbox: key proxy requests", "agentbox: egress decisions"):  # fmt: skip
+        assert section in out, section
+    assert "this test fails on purpose" in out
+    assert '"path": "/v1/chat/completions"' in out  # the key proxy's request log
+    assert '"host": "decoy.agentbox.test"' in out and '"deny"' in out
+    assert "sk-test-" not in out  # the example's random keys never reach the report
+    assert "key proxy            " in out  # setup steps with their timings
+
+
+FAILING = """
+def test_breaks(sandbox):
+    sandbox.run("echo visible-output")
+    assert False, "on purpose"
+"""
+
+
+def test_keep_on_failure_keeps_the_sandbox_and_prints_how_to_enter_it(
+    pytester: pytest.Pytester, docker_client: Any, base_image: str
+) -> None:
+    pytester.makepyfile(FAILING)
+    result = run_inner(pytester, base_image, "--agentbox-keep-on-failure")
+    result.assert_outcomes(failed=1)
+    line = next(
+        x for x in result.stdout.lines if "kept failing sandbox; step in with: docker exec" in x
+    )
+    cmd = line.split("step in with: ", 1)[1].split()
+    container_id = cmd[-2]
+    try:
+        assert cmd[:4] == ["docker", "exec", "-it", "-u"]
+        user = cmd[4]
+        out = docker_client.containers.get(container_id).exec_run(["id", "-u"], user=user)
+        assert out.output.decode().strip() == user.split(":")[0] != "0"
+    finally:
+        docker_client.containers.get(container_id).remove(force=True)
+
+
+def test_failing_sandbox_is_removed_without_keep(
+    pytester: pytest.Pytester, docker_client: Any, base_image: str
+) -> None:
+    pytester.makepyfile(FAILING)
+    result = run_inner(pytester, base_image)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*agentbox: commands*", "*visible-output*"])
+    assert "kept failing sandbox" not in result.stdout.str()
+    result.stdout.fnmatch_lines(["agentbox: 1 sandboxes created; setup median *"])
+
+
+SLOW_SETUP = """
+import pytest
+@pytest.mark.agentbox(setup_command="sleep 1")
+def test_slow(sandbox):
+    pass
+"""
+
+
+@pytest.mark.parametrize(("flag", "shown"), [("-v", True), ("-q", False)])
+def test_slow_setup_command_shows_progress_unless_quiet(
+    pytester: pytest.Pytester, docker_client: Any, base_image: str, flag: str, shown: bool
+) -> None:
+    pytester.makepyfile(SLOW_SETUP)
+    result = run_inner(pytester, base_image, flag)
+    result.assert_outcomes(passed=1)
+    assert ("agentbox: running setup_command: sleep 1" in result.stdout.str()) is shown
+
+
+def test_missing_image_message(pytester: pytest.Pytester, docker_client: Any) -> None:
+    pytester.makepyfile("def test_x(sandbox):\n    pass\n")
+    result = pytester.runpytest_subprocess("--agentbox-image=agentbox/does-not-exist:0")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*sandbox image 'agentbox/does-not-exist:0' is not on this Docker engine*"
+            "agentbox image build*"
+        ]
+    )
+
+
+KEYED = """
+import pytest
+@pytest.mark.agentbox_keys("openai")
+def test_keyed(sandbox):
+    pass
+"""
+
+
+def test_missing_key_skips_with_the_command_to_add_it(
+    pytester: pytest.Pytester, docker_client: Any, base_image: str
+) -> None:
+    pytester.makepyfile(KEYED)
+    result = run_inner(pytester, base_image, "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(
+        ["*key 'openai' is required but not in the vault*agentbox keys add openai*"]
+    )
+
+
+def test_missing_key_fails_with_strict_keys(
+    pytester: pytest.Pytester, docker_client: Any, base_image: str
+) -> None:
+    pytester.makepyfile(KEYED)
+    result = run_inner(pytester, base_image, "--agentbox-strict-keys")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*key 'openai' is required but not in the vault*"])
+
+
+def test_only_the_keys_a_test_requires_are_decrypted(
+    pytester: pytest.Pytester, docker_client: Any, base_image: str
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from pytest_agentbox import vault as vault_mod
+
+        @pytest.mark.agentbox_keys("openai")
+        def test_one_key(vault, sandbox_factory, monkeypatch, fake_upstream):
+            vault.add("openai", "sk-test-aaaaaaaaaaaa")
+            vault.add("anthropic", "sk-test-bbbbbbbbbbbb")
+            asked = []
+            real_get = type(vault).get
+            spy = lambda self, p: asked.append(p) or real_get(self, p)
+            monkeypatch.setattr(type(vault), "get", spy)
+            sandbox_factory()
+            assert asked == ["openai"]
+        """
+    )
+    run_inner(pytester, base_image).assert_outcomes(passed=1)
