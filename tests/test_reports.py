@@ -12,6 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Runs that start their own pytest (and so their own clean-up of dead owners' leftovers)
+# share one xdist worker: a concurrent clean-up would race the leftovers these tests
+# plant and inspect on purpose.
+pytestmark = pytest.mark.xdist_group("inner-runs")
+
 
 def run_inner(pytester: pytest.Pytester, base_image: str, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess(
@@ -158,3 +163,15 @@ def test_only_the_keys_a_test_requires_are_decrypted(
         """
     )
     run_inner(pytester, base_image).assert_outcomes(passed=1)
+
+
+def test_the_example_suite_passes_offline(docker_client: Any, base_image: str) -> None:
+    """The README's first command's suite: green, with nothing leaving this machine."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:benchmark", "-p", "no:cacheprovider",
+         f"--agentbox-image={base_image}", "--agentbox-require-docker", "example_project"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTEST_XDIST_TESTRUNUID": os.urandom(8).hex()},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout.splitlines()[-1]

@@ -46,6 +46,11 @@ LEGIT = {
     "state/memory.json": b"legit-s\n",
 }
 
+# Runs that start their own pytest (and so their own clean-up of dead owners' leftovers)
+# share one xdist worker: a concurrent clean-up would race the leftovers these tests
+# plant and inspect on purpose.
+pytestmark = pytest.mark.xdist_group("inner-runs")
+
 
 def stored_files(store: StateStore, scope: str) -> dict[str, tarfile.TarInfo]:
     path = store.load(scope)

@@ -1,0 +1,148 @@
+"""Foreign images, Ctrl-C, and the clean-up commands, against the real engine."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ours
+
+from pytest_agentbox import paths
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs that start their own pytest (and so their own clean-up of dead owners' leftovers)
+# share one xdist worker: a concurrent clean-up would race the leftovers these tests
+# plant and inspect on purpose.
+pytestmark = pytest.mark.xdist_group("inner-runs")
+
+
+@pytest.fixture(scope="module")
+def foreign_image(docker_client: Any, base_image: str) -> Iterator[str]:
+    """An image we did not prepare: no agent user, sudo reinstalled, a different default user."""
+    tag = f"agentbox-test/foreign:{secrets.token_hex(4)}"
+    dockerfile = (
+        f"FROM {base_image}\n"
+        "RUN userdel -r agent && chmod 4755 /usr/bin/sudo\n"
+        "USER nobody\n"
+        "WORKDIR /\n"
+    )
+    docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
+    yield tag
+    docker_client.images.remove(tag, force=True)
+
+
+def test_an_image_we_did_not_build_works_and_gets_the_user(
+    pytester: pytest.Pytester, foreign_image: str
+) -> None:
+    pytester.makepyfile(
+        """
+        def test_foreign(sandbox):
+            r = sandbox.run("id -un; id -u; command -v sudo; ls /home")
+            assert r.stdout.split() == ["agent", "1000", "agent"]
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:benchmark", f"--agentbox-image={foreign_image}", "--agentbox-require-docker"
+    )
+    result.assert_outcomes(passed=1)
+
+
+CTRL_C = """
+def test_waits(sandbox, sandbox_factory):
+    sandbox_factory()
+    print("READY", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_ctrl_c_tears_down_every_live_sandbox(
+    pytester: pytest.Pytester, docker_client: Any, base_image: str
+) -> None:
+    pytester.makepyfile(test_ctrl_c=CTRL_C)
+    run_id = secrets.token_hex(8)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", "-p", "no:benchmark",
+         f"--agentbox-image={base_image}", "test_ctrl_c.py"],
+        cwd=pytester.path, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTEST_XDIST_TESTRUNUID": run_id},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "READY" in line:
+            break
+    assert len([o for o in ours(docker_client, run_id) if hasattr(o, "status")]) == 2
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == pytest.ExitCode.INTERRUPTED, rest
+    assert ours(docker_client, run_id) == []
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture
+def leaked(docker_client: Any, base_image: str) -> Iterator[Any]:
+    """A container labelled as ours whose owning process is gone, and a stranger."""
+    owner = paths.Owner.current("dead-" + secrets.token_hex(4))
+    labels = owner.labels("sandbox")
+    labels[paths.LABEL_OWNER_PID] = str(_dead_pid())
+    dead = docker_client.containers.create(base_image, ["true"], labels=labels)
+    stranger = docker_client.containers.create(base_image, ["true"])
+    yield dead, stranger
+    for c in (dead, stranger):
+        with contextlib.suppress(Exception):
+            c.remove(force=True)
+
+
+def agentbox(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_agentbox.cli", *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_gc_dry_run_lists_and_gc_removes_only_dead_owners(
+    docker_client: Any, leaked: tuple[Any, Any]
+) -> None:
+    dead, stranger = leaked
+    dry = agentbox("gc", "--dry-run")
+    assert dry.returncode == 0 and f"would remove container {dead.name}" in dry.stdout
+    dead.reload()  # still there
+    real = agentbox("gc")
+    assert f"removed container {dead.name}" in real.stdout
+    assert stranger.name not in real.stdout
+    with pytest.raises(Exception, match=r"No such container|404"):
+        dead.reload()
+    stranger.reload()
+
+
+def test_state_list_and_clear(tmp_path: Path) -> None:
+    from pytest_agentbox.state import StateStore
+
+    store = StateStore(tmp_path)
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("state/a.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    store.save_from("demo/memory", [io.BytesIO(buf.getvalue())])
+    listed = agentbox("state", "list", "--state-dir", str(tmp_path))
+    assert "demo/memory" in listed.stdout
+    cleared = agentbox("state", "clear", "--state-dir", str(tmp_path), "demo/memory")
+    assert "removed 1" in cleared.stdout
+    assert store.load("demo/memory") is None
