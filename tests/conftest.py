@@ -35,7 +35,7 @@ def image_name(config: pytest.Config) -> str:
     return config.getoption("--agentbox-image") or config.getini("agentbox_image") or DEFAULT_IMAGE
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def base_image(pytestconfig: pytest.Config) -> str:
     return image_name(pytestconfig)
 
