@@ -64,6 +64,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="bridge",
     )
     both("timeout", "default timeout of sandbox.run, seconds (default 300)", default="300")
+    both("state-max-mb", "cap on one persisted state's total size, MB (default 1024)")
+    both("state-max-files", "cap on one persisted state's member count (default 100000)")
     parser.addini(
         "agentbox_fake_upstream_domains",
         "extra domain names the fake_upstream fixture answers for",

@@ -124,6 +124,8 @@ class RunState:
         self.timeout = float(options.get("timeout") or 300)
         self.run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or paths.token()
         self._state_dir: str | None = options.get("state-dir")
+        self.state_max_mb = float(options.get("state-max-mb") or 1024)
+        self.state_max_files = int(options.get("state-max-files") or 100_000)
         self._cleaned = 0
         manifest_path = options.get("manifest")
         self.manifest_path = Path(manifest_path).resolve() if manifest_path else None
@@ -205,7 +207,7 @@ class RunState:
     ) -> SandboxConfig:
         """Manifest + markers + factory overrides -> a validated SandboxConfig."""
         from .egress import compute_policy
-        from .state import StateStore
+        from .state import Limits, StateStore
 
         merged: dict[str, Any] = {}
         for mark in reversed(list(item.iter_markers("agentbox"))):
@@ -245,6 +247,10 @@ class RunState:
             extra_ca_pem=upstream.ca_pem if upstream is not None else None,
             state_scope=f"{manifest.name}/{state_key}" if state_key else None,
             state_store=StateStore(self.state_dir) if state_key else None,
+            state_limits=Limits(
+                max_total_bytes=int(self.state_max_mb * 1024 * 1024),
+                max_members=self.state_max_files,
+            ),
             timeout=float(rest.get("timeout") or self.timeout),
             run_id=self.run_id,
         )
