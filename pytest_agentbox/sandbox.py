@@ -460,11 +460,24 @@ class Sandbox:
             merged.update(env)
         return merged
 
-    def _argv(self, command: str | Sequence[str]) -> tuple[str, list[str]]:
+    def _user_command(
+        self,
+        command: str | Sequence[str],
+        *,
+        timeout: float | None,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+    ) -> tuple[str, list[str], dict[str, Any]]:
+        """(display text, argv under the timeout runner, exec options) for a user command."""
         if isinstance(command, str):
-            return command, ["/bin/sh", "-c", command]
-        argv = [str(a) for a in command]
-        return shlex.join(argv), argv
+            text, argv = command, ["/bin/sh", "-c", command]
+        else:
+            argv = [str(a) for a in command]
+            text = shlex.join(argv)
+        limit = self.config.timeout if timeout is None else timeout
+        kwargs = {"user": self.user_spec, "env": self._user_env(env)}
+        kwargs["workdir"] = cwd or self.workdir
+        return text, ["python3", "-c", _RUNNER, str(limit), *argv], kwargs
 
     def run(
         self,
@@ -480,17 +493,9 @@ class Sandbox:
         killed with its whole process group; the result then has ``timed_out`` set and
         exit code 124.
         """
-        text, argv = self._argv(command)
-        limit = self.config.timeout if timeout is None else timeout
+        text, cmd, kwargs = self._user_command(command, timeout=timeout, env=env, cwd=cwd)
         start = time.monotonic()
-        out = engine.exec_run(
-            self._client,
-            self.container.id,
-            ["python3", "-c", _RUNNER, str(limit), *argv],
-            user=self.user_spec,
-            env=self._user_env(env),
-            workdir=cwd or self.workdir,
-        )
+        out = engine.exec_run(self._client, self.container.id, cmd, **kwargs)
         result = CommandResult(
             command=text,
             exit_code=out.exit_code,
@@ -511,16 +516,8 @@ class Sandbox:
         timeout: float | None = None,
     ) -> Spawned:
         """Start a long-running process that speaks newline-delimited JSON on stdin/stdout."""
-        text, argv = self._argv(command)
-        limit = self.config.timeout if timeout is None else timeout
-        exec_id, sock = engine.exec_start(
-            self._client,
-            self.container.id,
-            ["python3", "-c", _RUNNER, str(limit), *argv],
-            user=self.user_spec,
-            env=self._user_env(env),
-            workdir=cwd or self.workdir,
-        )
+        text, cmd, kwargs = self._user_command(command, timeout=timeout, env=env, cwd=cwd)
+        exec_id, sock = engine.exec_start(self._client, self.container.id, cmd, **kwargs)
         return Spawned(self, text, exec_id, sock)
 
     def write_file(self, path: str, data: bytes | str) -> None:

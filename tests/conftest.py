@@ -6,8 +6,13 @@ when no engine answers, failed when ``--agentbox-require-docker`` is given (CI).
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,3 +73,30 @@ def ours(client: Any, run_id: str) -> list[Any]:
         *client.networks.list(filters=flt),
         *client.volumes.list(filters=flt),
     ]
+
+
+# Creates two sandboxes, says READY, then waits to be interrupted or killed.
+HOLDS_TWO_SANDBOXES = """
+import time
+def test_holds(sandbox, sandbox_factory):
+    sandbox_factory()
+    print("READY", flush=True)
+    time.sleep(600)
+"""
+
+
+def start_holding_run(path: Path, image: str, run_id: str) -> subprocess.Popen[str]:
+    """A pytest run (its own process) that holds two live sandboxes until signalled."""
+    (path / "test_holds.py").write_text(HOLDS_TWO_SANDBOXES)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", "-p", "no:benchmark",
+         f"--agentbox-image={image}", "test_holds.py"],
+        cwd=path, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTEST_XDIST_TESTRUNUID": run_id},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        if "READY" in line or time.monotonic() > deadline:
+            break
+    return proc

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import secrets
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ours
+from conftest import ours, start_holding_run
 
 from pytest_agentbox import paths
 
@@ -57,29 +56,12 @@ def test_an_image_we_did_not_build_works_and_gets_the_user(
     result.assert_outcomes(passed=1)
 
 
-CTRL_C = """
-def test_waits(sandbox, sandbox_factory):
-    sandbox_factory()
-    print("READY", flush=True)
-    time.sleep(600)
-"""
-
-
 def test_ctrl_c_tears_down_every_live_sandbox(
     pytester: pytest.Pytester, docker_client: Any, base_image: str
 ) -> None:
-    pytester.makepyfile(test_ctrl_c=CTRL_C)
     run_id = secrets.token_hex(8)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", "-p", "no:benchmark",
-         f"--agentbox-image={base_image}", "test_ctrl_c.py"],
-        cwd=pytester.path, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTEST_XDIST_TESTRUNUID": run_id},
-    )  # fmt: skip
+    proc = start_holding_run(pytester.path, base_image, run_id)
     assert proc.stdout is not None
-    for line in proc.stdout:
-        if "READY" in line:
-            break
     assert len([o for o in ours(docker_client, run_id) if hasattr(o, "status")]) == 2
     proc.send_signal(signal.SIGINT)
     rest = proc.stdout.read()

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ours
+from conftest import ours, start_holding_run
 
 from pytest_agentbox import paths
 from pytest_agentbox.state import Limits, StateStore
@@ -153,35 +149,15 @@ def test_parallel_suite_has_right_outcomes_and_leaves_nothing(
     assert "state/log" in lines  # serialised saves: one complete file, never a torn tar
 
 
-KILLABLE = """
-import time
-def test_hangs(sandbox, sandbox_factory):
-    sandbox_factory()
-    print("READY", flush=True)
-    time.sleep(600)
-"""
-
-
 def test_sigkilled_run_is_cleaned_by_the_next_run_and_strangers_untouched(
     pytester: pytest.Pytester, docker_client: Any, base_image: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytester.makepyfile(test_killable=KILLABLE)
     stranger = docker_client.containers.run(
         base_image, ["sleep", "300"], detach=True, name=f"not-ours-{secrets.token_hex(4)}"
     )
     try:
         dead_run = secrets.token_hex(8)
-        env = {**os.environ, "PYTEST_XDIST_TESTRUNUID": dead_run}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider",
-             f"--agentbox-image={base_image}", "test_killable.py"],
-            cwd=pytester.path, env=env, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 120
-        for line in proc.stdout:
-            if "READY" in line or time.monotonic() > deadline:
-                break
+        proc = start_holding_run(pytester.path, base_image, dead_run)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         leaked = ours(docker_client, dead_run)
