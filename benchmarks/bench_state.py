@@ -1,0 +1,117 @@
+"""State persistence cost: snapshot (teardown) and restore (setup) vs a stateless sandbox.
+
+    python benchmarks/bench_state.py [--rounds 5] [--files 1000] [--big-mb 50]
+
+Two scopes are seeded once: 1000 small files (1 KiB each, under ``~/workspace``) and
+one 50 MB random file (``~/data``). Each round then creates a sandbox per scope (the
+state is restored during setup) and closes it (the state is snapshotted during
+teardown), plus a baseline sandbox with no state; the order rotates per round. The
+state cost is the difference to the baseline; the ``restore state`` setup step is
+also reported on its own. No network is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import median
+
+from pytest_agentbox import engine
+from pytest_agentbox.sandbox import DEFAULT_IMAGE, Sandbox, SandboxConfig
+from pytest_agentbox.state import StateStore
+
+SMALL_FILES = (
+    "import os,sys\n"
+    "d=os.path.expanduser('~/workspace/files'); os.makedirs(d)\n"
+    "blob=os.urandom(1024)\n"
+    "for i in range(int(sys.argv[1])):\n"
+    "    open(os.path.join(d,'f%04d.txt'%i),'wb').write(blob)\n"
+)
+
+
+def make(client: Any, image: str, store: StateStore, scope: str | None) -> Sandbox:
+    cfg = SandboxConfig(image=image, state_scope=scope, state_store=store if scope else None)
+    return Sandbox.create(cfg, client)
+
+
+def seed(client: Any, image: str, store: StateStore, scope: str, command: list[str]) -> None:
+    sb = make(client, image, store, scope)
+    try:
+        result = sb.run(command, timeout=120)
+        if not result.ok:
+            raise RuntimeError(f"seeding {scope} failed: {result.stderr[-500:]}")
+    finally:
+        sb.close()
+    if sb.warnings:
+        raise RuntimeError(f"seeding {scope}: {sb.warnings}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--files", type=int, default=1000)
+    ap.add_argument("--big-mb", type=int, default=50)
+    ap.add_argument("--image", default=DEFAULT_IMAGE)
+    args = ap.parse_args()
+    client = engine.get_client()
+    engine.ensure_image(client, args.image)
+    started = time.perf_counter()
+    scopes = {"baseline": None, "small files": "bench/small-files", "one big file": "bench/big"}
+    checks = {
+        "small files": ("find ~/workspace/files -type f | wc -l", str(args.files)),
+        "one big file": ("stat -c %s ~/data/big.bin", str(args.big_mb * 1024 * 1024)),
+    }
+    with tempfile.TemporaryDirectory(prefix="agentbox-bench-state-") as tmp:
+        store = StateStore(Path(tmp) / "store")
+        seed(client, args.image, store, "bench/small-files",
+             ["python3", "-c", SMALL_FILES, str(args.files)])  # fmt: skip
+        big = (
+            f"mkdir -p ~/data && head -c {args.big_mb * 1024 * 1024} /dev/urandom > ~/data/big.bin"
+        )
+        seed(client, args.image, store, "bench/big", ["/bin/sh", "-c", big])
+        for name, scope in scopes.items():
+            if scope:
+                path = store.load(scope)
+                assert path is not None
+                print(f"stored {name}: {path.stat().st_size / 1024 / 1024:.1f} MiB tar")
+        setup: dict[str, list[float]] = {n: [] for n in scopes}
+        teardown: dict[str, list[float]] = {n: [] for n in scopes}
+        restore: dict[str, list[float]] = {n: [] for n in scopes}
+        names = list(scopes)
+        for r in range(args.rounds):
+            for name in names[r % 3 :] + names[: r % 3]:
+                t = time.perf_counter()
+                sb = make(client, args.image, store, scopes[name])
+                setup[name].append(time.perf_counter() - t)
+                restore[name] += [s.seconds for s in sb.steps if s.name == "restore state"]
+                if r == 0 and name in checks:  # not timed: prove the state really came back
+                    command, want = checks[name]
+                    got = sb.run(command).stdout.strip()
+                    if got != want:
+                        sb.close()
+                        raise RuntimeError(f"{name}: restored {got!r}, expected {want!r}")
+                t = time.perf_counter()
+                sb.close()
+                teardown[name].append(time.perf_counter() - t)
+                if sb.warnings:
+                    raise RuntimeError(f"{name}: {sb.warnings}")
+    base_s, base_t = median(setup["baseline"]), median(teardown["baseline"])
+    print(f"medians over {args.rounds} rounds (setup = create with restore, teardown = close):")
+    for name in names:
+        s, t = median(setup[name]), median(teardown[name])
+        line = f"  {name:<13} setup {s:6.3f}s  teardown {t:6.3f}s"
+        if name != "baseline":
+            line += (
+                f"  | restore step {median(restore[name]):.3f}s; state cost: restore "
+                f"{s - base_s:+.3f}s, snapshot {t - base_t:+.3f}s"
+            )
+        print(line)
+    print(f"total {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
