@@ -295,6 +295,8 @@ def listen(cfg_addr: list | str, mode: int = 0o600) -> socket.socket:
 
 def forward_one(unix_path: str, conn: socket.socket) -> None:
     """Relay one accepted TCP connection byte for byte to the Unix socket."""
+    # Without NODELAY, relayed small writes meet the client's delayed ACK: +40 ms each.
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     with conn, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as up:
         up.connect(unix_path)
         relay(conn, up, [0, 0])

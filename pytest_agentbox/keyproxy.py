@@ -211,6 +211,7 @@ class Proxy:
 
     def handle(self, route: dict[str, Any], conn: socket.socket) -> None:
         """Serve exactly one request on ``conn``, log it, close the connection."""
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no delayed-ACK stalls
         start, upstream = time.monotonic(), None
         rec: dict[str, Any] = {"route": route["name"], "method": "", "path": "", "status": 0}
         rec.update(bytes_in=0, bytes_out=0)

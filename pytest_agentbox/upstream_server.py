@@ -69,6 +69,8 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         # The TLS handshake runs here, in the connection's thread, never in accept().
         self.request.settimeout(30)
+        # Small writes must not wait for delayed ACKs, or latency figures hide real stalls.
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request.do_handshake()
         super().setup()
 
