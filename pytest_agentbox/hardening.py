@@ -53,6 +53,30 @@ def _ensure_user(name: str, uid: int) -> dict:
 
 def _privileged_files() -> list:
     """Every setuid/setgid regular file on the root file system (not following links)."""
+    try:
+        # find(1) walks ~4x faster than Python; POSIX -perm forms so busybox works too.
+        # Its exit status is ignored: unreadable dirs (a 0700 home) are skipped either way.
+        out = subprocess.run(
+            [
+                "find",
+                "/",
+                "-xdev",
+                "-type",
+                "f",
+                "(",
+                "-perm",
+                "-4000",
+                "-o",
+                "-perm",
+                "-2000",
+                ")",
+                "-print0",
+            ],
+            capture_output=True,
+        ).stdout
+        return [p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p]
+    except OSError:  # no find in this image
+        pass
     root_dev = os.lstat("/").st_dev
     found = []
     for dirpath, dirnames, filenames in os.walk("/"):
