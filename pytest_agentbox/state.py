@@ -33,6 +33,7 @@ from typing import IO, Protocol
 
 import filelock
 
+from .atomicfile import fsync_dir, replace_atomically
 from .errors import StateError
 
 ALLOWED_DIRS: tuple[str, ...] = ("workspace", "data", "output", "state")
@@ -595,28 +596,17 @@ class StateStore:
             started = time.time()
             self._remove_temps(target, older_than=started)
             self._write_scope_name(target, scope)
-            tmp = target.with_name(f"{target.name}.tmp-{secrets.token_hex(8)}")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(tmp, flags, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    sink = _TarSink(out, uid, gid)
-                    try:
-                        cleaner = _Cleaner(sink, limits, ALLOWED_DIRS)
-                        for src in sources:
-                            cleaner.feed(src)
-                    except BaseException:
-                        sink.abort()
-                        raise
-                    sink.close()
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
-            _fsync_dir(self.root)
+            tmp_name = f"{target.name}.tmp-{secrets.token_hex(8)}"
+            with replace_atomically(target, tmp_name=tmp_name) as out:
+                sink = _TarSink(out, uid, gid)
+                try:
+                    cleaner = _Cleaner(sink, limits, ALLOWED_DIRS)
+                    for src in sources:
+                        cleaner.feed(src)
+                except BaseException:
+                    sink.abort()
+                    raise
+                sink.close()
         return cleaner.report
 
     def list(self) -> list[StateInfo]:
@@ -653,7 +643,7 @@ class StateStore:
                 except FileNotFoundError:
                     pass
         if removed:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         return removed
 
     def _mkroot(self) -> None:
@@ -672,24 +662,13 @@ class StateStore:
         meta = Path(f"{target}.scope")
         if meta.exists():
             return
-        tmp = meta.with_name(f"{meta.name}.tmp-{secrets.token_hex(8)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(scope)
-        os.replace(tmp, meta)
+        with replace_atomically(meta, tmp_name=f"{meta.name}.tmp-{secrets.token_hex(8)}") as fh:
+            fh.write(scope.encode())
 
 
 def _count_members(path: Path) -> int:
     with tarfile.open(path, mode="r:") as tar:
         return sum(1 for _ in tar)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def default_state_dir(rootdir_cache: Path) -> Path:

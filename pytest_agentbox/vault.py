@@ -43,6 +43,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
+from .atomicfile import fsync_dir, replace_atomically
 from .errors import KeyMissing, VaultError
 
 FORMAT = "agentbox-vault"
@@ -130,16 +131,6 @@ def _write_new(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; some filesystems refuse fsync on a directory.
-    with contextlib.suppress(OSError):
-        dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so readers see the old or the new file, never half.
 
@@ -147,15 +138,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     O_EXCL|O_NOFOLLOW at 0600, so a planted symlink is never followed and the content
     is never world-readable, not even briefly (seed: "Key vault atomic writes").
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    _write_new(tmp, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with replace_atomically(path, tmp_name=f".{path.name}.{secrets.token_hex(8)}.tmp") as fh:
+        fh.write(data)
 
 
 # --------------------------------------------------------------------------- secret stores
@@ -233,7 +217,7 @@ class FileSecretStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return secret
 
 
