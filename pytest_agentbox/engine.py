@@ -188,15 +188,26 @@ _UPLOAD_SKIP = {
 }  # fmt: skip
 
 
-def tar_directory(local_dir: Path, *, uid: int, gid: int, skip: set[str] | None = None) -> bytes:
-    """A tar of ``local_dir``'s contents owned by uid:gid; symlinks and specials are left out."""
+def tar_directory(
+    local_dir: Path, *, uid: int, gid: int, skip: set[str] | None = None, prefix: str = ""
+) -> bytes:
+    """A tar of ``local_dir``'s contents owned by uid:gid; symlinks and specials are left out.
+
+    With ``prefix`` every member lies under that directory, which the tar itself creates
+    (so the engine makes it, owned by uid:gid, without an exec in the container).
+    """
     skip = _UPLOAD_SKIP if skip is None else skip
     buf = io.BytesIO()
     root = Path(local_dir)
     with tarfile.open(fileobj=buf, mode="w") as tar:
+        if prefix:
+            info = tarfile.TarInfo(prefix)
+            info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o755, uid, gid
+            info.mtime = int(time.time())
+            tar.addfile(info)
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in skip)
-            rel_dir = Path(dirpath).relative_to(root)
+            rel_dir = Path(prefix) / Path(dirpath).relative_to(root)
             for name in [*dirnames, *sorted(filenames)]:
                 path = Path(dirpath) / name
                 st = path.lstat()

@@ -388,17 +388,15 @@ class Sandbox:
 
     def _upload_code(self) -> None:
         uid, gid = self.user["uid"], self.user["gid"]
-        data = b""
+        app = self.workdir.rsplit("/", 1)[1]
+        # The engine extracts it (root here holds no CAP_DAC_OVERRIDE and the home may
+        # be 0700); the tar's own entry for app/ makes the directory, owned by the user.
         if self.config.code_dir is not None:
-            data = engine.tar_directory(self.config.code_dir, uid=uid, gid=gid)
-        # As the user: root here holds no CAP_DAC_OVERRIDE, and the home may be 0700.
-        out = engine.exec_run(
-            self._client, self.container.id, ["mkdir", "-p", self.workdir], user=self.user_spec
-        )
-        if out.exit_code != 0:
+            data = engine.tar_directory(self.config.code_dir, uid=uid, gid=gid, prefix=app)
+        else:
+            data = engine.tar_bytes([], uid=uid, gid=gid, dirs=[(app, 0o755)])
+        if not self.container.put_archive(self.home, data):
             raise AgentboxError(f"could not create {self.workdir} in the sandbox")
-        if data:
-            self.container.put_archive(self.workdir, data)
 
     def _restore_state(self) -> None:
         from . import state
