@@ -78,7 +78,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for line in _MARKERS:
         config.addinivalue_line("markers", line)
     try:
-        state = abs_session.RunState.from_config(_Options(config))
+        state = abs_session.RunState(_Options(config))
     except ManifestError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_STATE_KEY] = state

@@ -1,7 +1,7 @@
 """Per-run state behind the plugin: options, manifest, once-per-run work, statistics.
 
 Kept apart from ``plugin.py`` so that the hooks stay thin and everything here can be
-driven without pytest (``RunState.from_config`` takes any object with ``get(name)``).
+driven without pytest (``RunState(options)`` takes any object with ``get(name)``).
 """
 
 from __future__ import annotations
@@ -134,10 +134,6 @@ class RunState:
             if self.manifest_path
             else Manifest(name="agentbox-default")
         )
-
-    @classmethod
-    def from_config(cls, options: Any) -> RunState:
-        return cls(options)
 
     def header_lines(self) -> list[str]:
         where = self.manifest_path or "none (built-in defaults)"
