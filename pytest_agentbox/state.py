@@ -504,10 +504,24 @@ def clean_tar(
     Raises :class:`StateError` when ``src`` is not a readable tar or ends early; ``dst``
     then holds a partial archive the caller must discard.
     """
+    return _clean_sources([src], dst, limits=limits, uid=uid, gid=gid, allowed_dirs=allowed_dirs)
+
+
+def _clean_sources(
+    sources: Iterable[IO[bytes] | Iterable[bytes]],
+    dst: IO[bytes],
+    *,
+    limits: Limits,
+    uid: int,
+    gid: int,
+    allowed_dirs: Sequence[str],
+) -> FilterReport:
+    """Clean several source tars into one: caps and duplicates are judged on the whole."""
     sink = _TarSink(dst, uid, gid)
     try:
         cleaner = _Cleaner(sink, limits, allowed_dirs)
-        cleaner.feed(src)
+        for src in sources:
+            cleaner.feed(src)
     except BaseException:
         sink.abort()
         raise
@@ -598,16 +612,9 @@ class StateStore:
             self._write_scope_name(target, scope)
             tmp_name = f"{target.name}.tmp-{secrets.token_hex(8)}"
             with replace_atomically(target, tmp_name=tmp_name) as out:
-                sink = _TarSink(out, uid, gid)
-                try:
-                    cleaner = _Cleaner(sink, limits, ALLOWED_DIRS)
-                    for src in sources:
-                        cleaner.feed(src)
-                except BaseException:
-                    sink.abort()
-                    raise
-                sink.close()
-        return cleaner.report
+                return _clean_sources(
+                    sources, out, limits=limits, uid=uid, gid=gid, allowed_dirs=ALLOWED_DIRS
+                )
 
     def list(self) -> list[StateInfo]:
         """Every stored snapshot, sorted by scope."""

@@ -24,16 +24,20 @@ def run_inner(pytester: pytest.Pytester, base_image: str, *args: str) -> pytest.
     )
 
 
+def run_example(base_image: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The example project's suite as its own run (own run id, so its own clean-up)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:benchmark", "-p", "no:cacheprovider",
+         f"--agentbox-image={base_image}", "--agentbox-require-docker", *args, "example_project"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTEST_XDIST_TESTRUNUID": os.urandom(8).hex()},
+    )  # fmt: skip
+
+
 def test_demo_failure_shows_every_report_section_and_no_secret(
     docker_client: Any, base_image: str, tmp_path: Path
 ) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:benchmark", "-p", "no:cacheprovider",
-         f"--agentbox-image={base_image}", "--agentbox-require-docker", "--demo-failure",
-         "-k", "demo_failure", "example_project"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTEST_XDIST_TESTRUNUID": os.urandom(8).hex()},
-    )  # fmt: skip
+    proc = run_example(base_image, "--demo-failure", "-k", "demo_failure")
     out = proc.stdout
     assert proc.returncode == 1, out[-2000:]
     for section in ("agentbox: setup", "agentbox: egress policy", "agentbox: commands",
@@ -167,11 +171,6 @@ def test_only_the_keys_a_test_requires_are_decrypted(
 
 def test_the_example_suite_passes_offline(docker_client: Any, base_image: str) -> None:
     """The README's first command's suite: green, with nothing leaving this machine."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:benchmark", "-p", "no:cacheprovider",
-         f"--agentbox-image={base_image}", "--agentbox-require-docker", "example_project"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTEST_XDIST_TESTRUNUID": os.urandom(8).hex()},
-    )  # fmt: skip
+    proc = run_example(base_image)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout.splitlines()[-1]
