@@ -170,6 +170,7 @@ class Sandbox:
         try:
             sb._setup()
         except BaseException:
+            sb.collect_logs()  # for the failed setup's report: the sandbox goes next
             sb.close()
             raise
         return sb
@@ -560,8 +561,11 @@ class Sandbox:
     # ---- teardown ----------------------------------------------------------------
 
     def collect_logs(self) -> dict[str, str]:
-        """The key proxy's request log and the egress decisions (never keys or tokens)."""
-        logs: dict[str, str] = {}
+        """The key proxy's request log and the egress decisions (never keys or tokens).
+
+        Read fresh while the sandbox lives; once it is gone, the last copy read is kept.
+        """
+        logs = dict(self.logs)
         if self.container is not None and self.config.key_routes:
             with contextlib.suppress(Exception):
                 logs["key proxy requests"] = self._root_exec(
@@ -576,18 +580,21 @@ class Sandbox:
         return logs
 
     def close(self, *, keep: bool = False) -> None:
-        """Snapshot state, collect logs, remove everything; ``keep`` leaves it running."""
+        """Snapshot state and remove everything; ``keep`` leaves it running.
+
+        Logs are not read here: only a failing test's report needs them, and it reads
+        them before teardown (a passing test pays no extra round trips).
+        """
         if self._closed:
             return
         self._closed = True
         errors: list[str] = []
-        if self.container is not None:
-            if self.config.state_scope and self.config.state_store is not None:
-                try:
-                    self._snapshot_state()
-                except Exception as exc:  # the previous state stays intact
-                    errors.append(f"state snapshot failed, previous state kept: {exc}")
-            self.collect_logs()
+        store = self.config.state_store
+        if self.container is not None and self.config.state_scope and store is not None:
+            try:
+                self._snapshot_state()
+            except Exception as exc:  # the previous state stays intact
+                errors.append(f"state snapshot failed, previous state kept: {exc}")
         if keep:
             return
         for obj in (self.container, self.sidecar):

@@ -86,7 +86,7 @@ def report_sections(sandboxes: list[Sandbox]) -> list[tuple[str, str]]:
             v for k, v in sb.env.items() if k in {r.env_var for r in sb.config.key_routes}
         ]
         redact = _redactor(hidden)
-        logs = sb.logs or sb.collect_logs()
+        logs = sb.collect_logs()
         steps = "\n".join(f"{s.name:<18} {s.seconds:7.3f}s" for s in sb.steps)
         steps += "".join(f"\nwarning: {w}" for w in sb.warnings)
         out.append((f"setup{tag}", f"image {sb.config.image}\n{steps}"))
