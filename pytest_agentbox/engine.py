@@ -227,19 +227,41 @@ def tar_directory(
     return buf.getvalue()
 
 
+# Runs one of our stdlib tools from its source on stdin: a length line, then the source,
+# then whatever the tool itself reads. Nothing is written into the container first (an
+# archive upload costs the engine a process start per sandbox), and -I -S keep the
+# image's site-packages and PYTHON* variables out of a root process.
+_BOOT = (
+    "import sys;b=sys.stdin.buffer;n=int(b.readline());s=b.read(n);sys.argv=sys.argv[1:];"
+    "exec(compile(s,sys.argv[0],'exec'),{'__name__':'__main__'})"
+)
+
+
+def tool_command(name: str, *args: str) -> tuple[list[str], bytes]:
+    """(argv, stdin prefix) that run ``pytest_agentbox/<name>`` in a container's python3."""
+    source = (Path(__file__).parent / name).read_bytes()
+    return ["python3", "-I", "-S", "-c", _BOOT, name, *args], b"%d\n%s" % (len(source), source)
+
+
 def start_daemon(
-    client: Any, container_id: str, cmd: list[str], config: Mapping[str, Any]
+    client: Any,
+    container_id: str,
+    cmd: list[str],
+    config: Mapping[str, Any],
+    *,
+    stdin_prefix: bytes = b"",
 ) -> dict[str, Any]:
     """Start a root tool that reads one JSON config line and answers with one ready line.
 
     Secrets in ``config`` travel only over the exec's stdin, never argv or env. The
     tool keeps running after we detach; an empty dict means it never said it was ready.
+    ``stdin_prefix`` goes first (the tool's source, see :func:`tool_command`).
     """
     _exec_id, sock = exec_start(client, container_id, cmd, user="0")
     line = b""
     try:
         sock.settimeout(30)
-        sock.sendall(json.dumps(config).encode() + b"\n")
+        sock.sendall(stdin_prefix + json.dumps(config).encode() + b"\n")
         for stream, data in _frames(sock):
             if stream == 1:
                 line += data

@@ -1,15 +1,17 @@
 """Root-only hardening of a fresh sandbox, run before any user code.
 
-This file is stdlib-only on purpose: the host copies it into the sandbox (a root-only
-0700 directory with an unpredictable name) and runs it there as root with
-``python3 hardening.py '<json options>'``. It prints one JSON line describing what it
+This file is stdlib-only on purpose: the host runs it inside the sandbox as root with
+``python3 hardening.py '<json options>'``, its source given on stdin (see
+:func:`pytest_agentbox.engine.tool_command`). It prints one JSON line describing what it
 did. The host side (:func:`check`) turns that into pass, warning or a fail-closed
 :class:`~pytest_agentbox.errors.HardeningError`.
 
 Steps, in order:
-1. make sure the unprivileged user exists (create it when the image lacks one);
-2. delete sudo, su and friends, strip every setuid/setgid bit on the root file system,
-   then re-scan and report anything left;
+1. make sure the unprivileged user exists (create it when the image lacks one), and make
+   the root-only 0700 tools directory (unpredictable name) and the agent's app directory;
+2. delete sudo, su and friends, strip every setuid/setgid bit on the root file system
+   (the host scans each image once per process and passes the list to later sandboxes),
+   then read each file back and report anything left;
 3. remount ``/proc`` with ``hidepid=2`` and read ``/proc/mounts`` back to verify it.
 """
 
@@ -46,8 +48,7 @@ def _ensure_user(name: str, uid: int) -> dict:
     if os.path.exists("/etc/shadow"):
         with open("/etc/shadow", "a", encoding="utf-8") as fh:
             fh.write(f"{name}:!:19000::::::\n")
-    os.makedirs(home, mode=0o750, exist_ok=True)
-    os.chown(home, uid, uid)
+    os.makedirs(home, mode=0o750, exist_ok=True)  # chowned by _make_dirs
     return {"name": name, "uid": uid, "gid": uid, "home": home, "created": True}
 
 
@@ -94,7 +95,7 @@ def _privileged_files() -> list:
     return found
 
 
-def _strip_privileges() -> dict:
+def _strip_privileges(known: list | None) -> dict:
     removed = []
     for d in BIN_DIRS:
         for tool in ESCALATION_TOOLS:
@@ -105,8 +106,11 @@ def _strip_privileges() -> dict:
                     removed.append(path)
                 except OSError:
                     pass
+    # ``known`` is this image's earlier scan: a fresh container's root file system is its
+    # image's, and nothing has run in it before this script, so the scan need not repeat.
+    found = _privileged_files() if known is None else [p for p in known if os.path.lexists(p)]
     stripped, left = [], []
-    for path in _privileged_files():
+    for path in found:
         try:
             os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~0o6000)
             stripped.append(path)
@@ -119,7 +123,7 @@ def _strip_privileges() -> dict:
                 left.append(path)
         except OSError:
             pass
-    return {"removed": removed, "stripped": stripped, "left": left}
+    return {"removed": removed, "found": found, "stripped": stripped, "left": left}
 
 
 def _hidepid() -> dict:
@@ -135,10 +139,35 @@ def _hidepid() -> dict:
     return {"hidepid": ok, "hidepid_error": "" if ok else (error or "not applied")}
 
 
+def _make_dirs(opts: dict, user: dict) -> dict:
+    """Our root-only tools directory, and the agent's empty app directory if asked for."""
+    os.mkdir(opts["tools_dir"], 0o700)
+    made = False
+    if opts.get("app"):
+        home, app = user["home"], os.path.join(user["home"], opts["app"])
+        # Root holds no CAP_DAC_OVERRIDE, so it opens the user's home for a moment with
+        # CAP_FOWNER (no user code runs yet) instead of paying for an archive upload.
+        try:
+            mode = stat.S_IMODE(os.lstat(home).st_mode)
+            os.chmod(home, mode | 0o003)  # noqa: S103 - restored below, nothing else runs yet
+            try:
+                os.mkdir(app, 0o755)
+                os.chown(app, user["uid"], user["gid"])
+                made = True
+            finally:
+                os.chmod(home, mode)
+        except OSError:  # the host uploads it instead
+            pass
+    if user.get("created"):  # only now: once it is the user's, root may not write in it
+        os.chown(user["home"], user["uid"], user["gid"])
+    return {"app": made}
+
+
 def main(argv: list) -> int:
     opts = json.loads(argv[1])
     result = {"user": _ensure_user(opts["user"], int(opts["uid"]))}
-    result.update(_strip_privileges())
+    result.update(_make_dirs(opts, result["user"]))
+    result.update(_strip_privileges(opts.get("setid")))
     result.update(_hidepid())
     print(json.dumps(result))
     return 0

@@ -75,6 +75,10 @@ _RUNNER = (
 _LIVE: dict[str, Sandbox] = {}
 _LIVE_LOCK = threading.Lock()
 
+# Image id -> the setuid/setgid files its first sandbox in this process found; later
+# sandboxes of the same (immutable) image strip and verify that list without a rescan.
+_SETID_SCANS: dict[str, list[str]] = {}
+
 
 @dataclass(frozen=True)
 class CommandResult:
@@ -194,13 +198,10 @@ class Sandbox:
         with self._step("create container"):
             self._create_container(owner)
         with self._step("harden"):
-            report = self._root_json(["python3", f"{self._tools_dir}/hardening.py", self._hopts()])
-            self.user = report["user"]
-            self.home = self.user["home"]
-            self.workdir = f"{self.home}/app"
-            self.warnings += hardening.check(report, keys_in_use=bool(cfg.key_routes))
-        with self._step("upload code"):
-            self._upload_code()
+            report = self._harden()
+        if cfg.code_dir is not None or not report.get("app"):
+            with self._step("upload code"):
+                self._upload_code()
         if cfg.state_scope and cfg.state_store is not None:
             with self._step("restore state"):
                 self._restore_state()
@@ -217,8 +218,24 @@ class Sandbox:
             with self._step("setup_command"):
                 self._run_setup_command(cfg.setup_command)
 
-    def _hopts(self) -> str:
-        return json.dumps({"user": self.config.user, "uid": self.config.uid})
+    def _harden(self) -> dict[str, Any]:
+        image_id = str(self.container.attrs.get("Image", ""))
+        opts = {
+            "user": self.config.user,
+            "uid": self.config.uid,
+            "tools_dir": self._tools_dir,
+            "app": "app" if self.config.code_dir is None else None,
+            "setid": _SETID_SCANS.get(image_id),
+        }
+        argv, source = engine.tool_command("hardening.py", json.dumps(opts))
+        report = self._root_json(argv, stdin=source)
+        self.user = report["user"]
+        self.home = self.user["home"]
+        self.workdir = f"{self.home}/app"
+        self.warnings += hardening.check(report, keys_in_use=bool(self.config.key_routes))
+        if image_id and "found" in report:
+            _SETID_SCANS.setdefault(image_id, list(report["found"]))
+        return report
 
     def _create_container(self, owner: paths.Owner) -> None:
         cfg = self.config
@@ -248,15 +265,6 @@ class Sandbox:
             detach=True,
         )
         self._register()
-        needed = ["hardening.py"]
-        if cfg.key_routes:
-            needed.append("keyproxy.py")
-        if self.volume is not None:
-            needed.append("egressproxy.py")
-        prefix = self._tools_dir.lstrip("/")
-        tools = [(f"{prefix}/{name}", _tool_source(name), 0o700) for name in needed]
-        # put_archive works on a created container: root tools are in place before start.
-        self.container.put_archive("/", engine.tar_bytes(tools, dirs=[(prefix, 0o700)]))
         self.container.start()
 
     def _register(self) -> None:
@@ -301,8 +309,8 @@ class Sandbox:
     def _root_exec(self, cmd: list[str], stdin: bytes | None = None) -> engine.ExecOutput:
         return engine.exec_run(self._client, self.container.id, cmd, user="0", stdin=stdin)
 
-    def _root_json(self, cmd: list[str]) -> dict[str, Any]:
-        out = self._root_exec(cmd)
+    def _root_json(self, cmd: list[str], stdin: bytes | None = None) -> dict[str, Any]:
+        out = self._root_exec(cmd, stdin)
         try:
             return dict(json.loads(out.stdout.decode().strip().splitlines()[-1]))
         except (ValueError, IndexError):
@@ -329,8 +337,10 @@ class Sandbox:
             self._env[var] = bundle
 
     def _start_root_daemon(self, script: str, config: dict[str, Any], *args: str) -> dict[str, Any]:
-        cmd = ["python3", f"{self._tools_dir}/{script}", *args]
-        ready = engine.start_daemon(self._client, self.container.id, cmd, config)
+        cmd, source = engine.tool_command(script, *args)
+        ready = engine.start_daemon(
+            self._client, self.container.id, cmd, config, stdin_prefix=source
+        )
         if not ready:
             raise KeyProxyError(f"the sandbox's {script} did not start (no ready line)")
         return ready
@@ -476,7 +486,7 @@ class Sandbox:
         limit = self.config.timeout if timeout is None else timeout
         kwargs = {"user": self.user_spec, "env": self._user_env(env)}
         kwargs["workdir"] = cwd or self.workdir
-        return text, ["python3", "-c", _RUNNER, str(limit), *argv], kwargs
+        return text, ["python3", "-I", "-S", "-c", _RUNNER, str(limit), *argv], kwargs
 
     def run(
         self,
@@ -699,7 +709,3 @@ def close_all() -> None:
     for sb in live:
         with contextlib.suppress(Exception):
             sb.close()
-
-
-def _tool_source(name: str) -> bytes:
-    return (Path(__file__).parent / name).read_bytes()

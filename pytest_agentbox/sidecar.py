@@ -7,7 +7,6 @@ and it checks every requested host name against the allowlist before connecting.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from . import engine, paths
@@ -41,8 +40,6 @@ def start(client: Any, config: Any, owner: paths.Owner) -> tuple[Any, Any]:
         volume.remove(force=True)
         raise
     try:
-        script = (Path(__file__).parent / "egressproxy.py").read_bytes()
-        sidecar.put_archive("/", engine.tar_bytes([("opt/agentbox/egressproxy.py", script, 0o700)]))
         sidecar.start()
         _serve(client, sidecar, config.egress)
     except BaseException:
@@ -63,8 +60,8 @@ def _serve(client: Any, sidecar: Any, policy: Any) -> None:
         "log_path": DECISIONS_LOG,
         "socket_mode": 0o600,
     }
-    cmd = ["python3", "/opt/agentbox/egressproxy.py", "serve"]
-    if not engine.start_daemon(client, sidecar.id, cmd, config):
+    cmd, source = engine.tool_command("egressproxy.py", "serve")
+    if not engine.start_daemon(client, sidecar.id, cmd, config, stdin_prefix=source):
         raise EgressError("the egress proxy sidecar did not start (no ready line)")
 
 

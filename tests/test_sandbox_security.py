@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import secrets
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import ours
 
+from pytest_agentbox import sandbox as sandbox_mod
 from pytest_agentbox.errors import HardeningError, SetupCommandFailed
 from pytest_agentbox.manifest import KeyRoute
 from pytest_agentbox.sandbox import FORWARDED_ENV, HARDENING_CAPS
@@ -224,3 +227,50 @@ def test_agent_can_write_its_own_dirs_but_not_the_system(sandbox: Any) -> None:
     assert "Permission denied" in r.stdout and r.stdout.strip().endswith("ok")
     assert json.loads(sandbox.run("python3 -c 'import json,os;print(json.dumps(os.getuid()))'")
                       .stdout) != 0  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def planted_image(docker_client: Any, base_image: str) -> Iterator[str]:
+    """The base image plus setuid/setgid files at odd paths and a 0700 home."""
+    tag = f"agentbox-test/planted:{secrets.token_hex(4)}"
+    dockerfile = (
+        f"FROM {base_image}\n"
+        "RUN mkdir -p /opt/odd/deep && cp /bin/true /opt/odd/deep/suid-tool "
+        "&& chmod 4755 /opt/odd/deep/suid-tool && cp /bin/true /var/sgid-tool "
+        "&& chmod 2755 /var/sgid-tool && chmod 700 /home/agent\n"
+    )
+    docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
+    yield tag
+    docker_client.images.remove(tag, force=True)
+
+
+def test_every_sandbox_of_an_image_is_stripped_also_from_the_cached_scan(
+    make_sandbox: Any, planted_image: str
+) -> None:
+    # The first sandbox of an image scans the whole file system; later ones strip the
+    # list that scan found. Both must end up with nothing setuid/setgid.
+    planted = ["/opt/odd/deep/suid-tool", "/var/sgid-tool"]
+    first = make_sandbox(image=planted_image)
+    image_id = first.container.attrs["Image"]
+    assert set(planted) <= set(sandbox_mod._SETID_SCANS[image_id])
+    second = make_sandbox(image=planted_image)
+    for sb in (first, second):
+        out = sb._root_exec(["find", "/", "-xdev", "-perm", "/6000", "-type", "f"])
+        assert out.stdout.strip() == b""
+        modes = sb._root_exec(["stat", "-c", "%a", *planted]).stdout.split()
+        assert modes == [b"755", b"755"]
+
+
+@pytest.mark.parametrize("home_mode", ["755", "700"])
+def test_app_dir_is_made_and_the_home_mode_is_left_as_it_was(
+    make_sandbox: Any, base_image: str, planted_image: str, home_mode: str
+) -> None:
+    sb = make_sandbox(image=base_image if home_mode == "755" else planted_image)
+    assert [s.name for s in sb.steps if s.name == "upload code"] == []  # made by root, no upload
+    r = sb.run("stat -c '%a %U' ~ ~/app; pwd; touch ~/app/x && echo writable")
+    assert r.stdout.split("\n")[:4] == [
+        f"{home_mode} agent",
+        "755 agent",
+        "/home/agent/app",
+        "writable",
+    ]
