@@ -44,7 +44,7 @@ class KeyProxyError(AgentboxError):
 
 
 class EgressError(AgentboxError):
-    """The egress proxy sidecar did not start."""
+    """The egress proxy sidecar did not start (or its network does not exist)."""
 
 
 class StateError(AgentboxError):

@@ -12,7 +12,8 @@ Steps, in order:
 2. delete sudo, su and friends, strip every setuid/setgid bit on the root file system
    (the host scans each image once per process and passes the list to later sandboxes),
    then read each file back and report anything left;
-3. remount ``/proc`` with ``hidepid=2`` and read ``/proc/mounts`` back to verify it.
+3. remount ``/proc`` with ``hidepid=2`` and read ``/proc/mounts`` back to verify it;
+4. write the CA bundle when extra CAs are given (the fake upstream's test CA).
 """
 
 from __future__ import annotations
@@ -163,12 +164,30 @@ def _make_dirs(opts: dict, user: dict) -> dict:
     return {"app": made}
 
 
+def _install_ca(ca: dict) -> dict:
+    """One CA bundle the agent can read: the system CAs plus the extra ones (test CAs)."""
+    data = b""
+    for path in ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"):
+        try:
+            with open(path, "rb") as fh:
+                data += fh.read().rstrip(b"\n") + b"\n"
+        except OSError:
+            pass
+    fd = os.open(ca["path"], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data + ca["pem"].encode())
+    os.chmod(ca["path"], 0o644)  # whatever the umask
+    return {"ca_bundle": ca["path"]}
+
+
 def main(argv: list) -> int:
     opts = json.loads(argv[1])
     result = {"user": _ensure_user(opts["user"], int(opts["uid"]))}
     result.update(_make_dirs(opts, result["user"]))
     result.update(_strip_privileges(opts.get("setid")))
     result.update(_hidepid())
+    if opts.get("ca"):
+        result.update(_install_ca(opts["ca"]))
     print(json.dumps(result))
     return 0
 

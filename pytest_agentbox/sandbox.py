@@ -6,11 +6,11 @@ Usable without pytest::
     with Sandbox.create(SandboxConfig(image="agentbox/base:bookworm")) as sb:
         print(sb.run("id -u").stdout)
 
-Setup order (each step before the next; any failure removes everything made so far):
-egress sidecar (when traffic may leave) -> container (non-root user for all user code,
-no-new-privileges, capabilities dropped, limits, allowlisted env, owner labels) -> root
-tools copied in -> start -> hardening as root -> agent code and persisted state ->
-egress forwarder and key proxy as root -> ``setup_command`` as the user.
+Setup order (any failure removes everything made so far): container (non-root user for
+all user code, no-new-privileges, capabilities dropped, limits, allowlisted env, owner
+labels) -> start -> hardening as root -> agent code and persisted state -> egress
+forwarder and key proxy as root -> ``setup_command`` as the user. When traffic may
+leave, the egress sidecar starts in a thread meanwhile; the forwarder waits for it.
 """
 
 from __future__ import annotations
@@ -150,7 +150,9 @@ class Sandbox:
         self._env: dict[str, str] = {}
         self._tools_dir = f"/run/agentbox-{paths.token()}"
         self._egress_dir = f"/run/agentbox-egress-{paths.token()}"
+        self._ca_bundle = f"{self._tools_dir}-ca.pem"
         self._closed = False
+        self.setup_seconds = 0.0
 
     # ---- creation --------------------------------------------------------------
 
@@ -171,12 +173,14 @@ class Sandbox:
         sb = cls(config, client)
         if on_created is not None:
             on_created(sb)
+        start = time.monotonic()
         try:
             sb._setup()
         except BaseException:
             sb.collect_logs()  # for the failed setup's report: the sandbox goes next
             sb.close()
             raise
+        sb.setup_seconds = time.monotonic() - start
         return sb
 
     @contextlib.contextmanager
@@ -192,22 +196,26 @@ class Sandbox:
         engine.ensure_image(self._client, cfg.image)
         owner = paths.Owner.current(cfg.run_id)
         filtering = cfg.egress is not None and cfg.egress.enabled and not cfg.egress.unrestricted
-        if filtering:
-            with self._step("egress sidecar"):
-                self._start_sidecar(owner)
-        with self._step("create container"):
-            self._create_container(owner)
-        with self._step("harden"):
-            report = self._harden()
-        if cfg.code_dir is not None or not report.get("app"):
-            with self._step("upload code"):
-                self._upload_code()
-        if cfg.state_scope and cfg.state_store is not None:
-            with self._step("restore state"):
-                self._restore_state()
+        sidecar_job = self._start_sidecar(owner) if filtering else None
+        try:
+            with self._step("create container"):
+                self._create_container(owner)
+            with self._step("harden"):
+                report = self._harden()
+            if cfg.code_dir is not None or not report.get("app"):
+                with self._step("upload code"):
+                    self._upload_code()
+            if cfg.state_scope and cfg.state_store is not None:
+                with self._step("restore state"):
+                    self._restore_state()
+        finally:
+            if sidecar_job is not None:  # whatever happened, close() must see the sidecar
+                sidecar_job.join()
+        if sidecar_job is not None and sidecar_job.error is not None:
+            raise sidecar_job.error
         self._env = self._base_env()
         if cfg.extra_ca_pem:
-            self._install_ca(cfg.extra_ca_pem)
+            self._use_ca_bundle()
         if filtering:
             with self._step("egress forwarder"):
                 self._start_forwarder()
@@ -226,6 +234,9 @@ class Sandbox:
             "tools_dir": self._tools_dir,
             "app": "app" if self.config.code_dir is None else None,
             "setid": _SETID_SCANS.get(image_id),
+            "ca": {"path": self._ca_bundle, "pem": self.config.extra_ca_pem}
+            if self.config.extra_ca_pem
+            else None,
         }
         argv, source = engine.tool_command("hardening.py", json.dumps(opts))
         report = self._root_json(argv, stdin=source)
@@ -320,21 +331,12 @@ class Sandbox:
                 "The image needs python3 and a POSIX shell."
             ) from None
 
-    def _install_ca(self, pem: str) -> None:
-        # One bundle with the system CAs plus the extra ones, readable by the agent,
-        # and the variables the usual clients read (pip, requests, curl, node, openssl).
-        bundle = f"{self._tools_dir}-ca.pem"
-        script = (
-            "umask 022; for f in /etc/ssl/certs/ca-certificates.crt "
-            '/etc/pki/tls/certs/ca-bundle.crt; do [ -f "$f" ] && cat "$f"; done > "$1"; '
-            'cat >> "$1"'
-        )
-        out = self._root_exec(["/bin/sh", "-c", script, "sh", bundle], stdin=pem.encode())
-        if out.exit_code != 0:
-            raise AgentboxError("could not install the extra CA bundle in the sandbox")
+    def _use_ca_bundle(self) -> None:
+        # The hardening step wrote one bundle (system CAs plus the extra ones, readable by
+        # the agent); these are the variables the usual clients read.
         for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT",
                     "NODE_EXTRA_CA_CERTS"):  # fmt: skip
-            self._env[var] = bundle
+            self._env[var] = self._ca_bundle
 
     def _start_root_daemon(self, script: str, config: dict[str, Any], *args: str) -> dict[str, Any]:
         cmd, source = engine.tool_command(script, *args)
@@ -378,10 +380,18 @@ class Sandbox:
 
     # ---- egress ------------------------------------------------------------------
 
-    def _start_sidecar(self, owner: paths.Owner) -> None:
+    def _start_sidecar(self, owner: paths.Owner) -> _Job:
+        """Start the egress sidecar in a thread: it needs nothing from the sandbox but the
+        shared volume, and its ~0.5 s of engine work overlaps the sandbox's own setup."""
         from . import sidecar
 
-        self.volume, self.sidecar = sidecar.start(self._client, self.config, owner)
+        self.volume = sidecar.create_volume(self._client, owner)
+
+        def run() -> None:
+            with self._step("egress sidecar (parallel)"):
+                self.sidecar = sidecar.start(self._client, self.config, owner, self.volume)
+
+        return _Job(run)
 
     def _start_forwarder(self) -> None:
         ready = self._start_root_daemon(
@@ -607,10 +617,17 @@ class Sandbox:
                 errors.append(f"state snapshot failed, previous state kept: {exc}")
         if keep:
             return
-        for obj in (self.container, self.sidecar):
-            if obj is not None:
-                with contextlib.suppress(Exception):
-                    obj.remove(force=True, v=True)
+
+        def remove(obj: Any) -> None:
+            with contextlib.suppress(Exception):
+                obj.remove(force=True, v=True)
+
+        # The sidecar goes in a thread meanwhile; the volume only once both are gone.
+        job = _Job(lambda: remove(self.sidecar)) if self.sidecar is not None else None
+        if self.container is not None:
+            remove(self.container)
+        if job is not None:
+            job.join()
         if self.volume is not None:
             with contextlib.suppress(Exception):
                 self.volume.remove(force=True)
@@ -700,6 +717,25 @@ class Spawned:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Job:
+    """A function run in a daemon thread; :meth:`join` waits, ``error`` holds what it raised."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.error: BaseException | None = None
+        self._fn = fn
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._fn()
+        except BaseException as exc:  # handed to the caller by join()
+            self.error = exc
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 def close_all() -> None:

@@ -65,7 +65,8 @@ def setup_summary(sb: Sandbox) -> dict[str, Any]:
     """Total setup seconds and the step that took longest (for the summary line)."""
     steps = sb.steps or []
     dominant = max(steps, key=lambda s: s.seconds).name if steps else "-"
-    return {"seconds": round(sum(s.seconds for s in steps), 3), "dominant": dominant}
+    total = sb.setup_seconds or sum(s.seconds for s in steps)
+    return {"seconds": round(total, 3), "dominant": dominant}
 
 
 def _redactor(secrets_: list[str]) -> Callable[[str], str]:

@@ -16,37 +16,45 @@ SOCKET_DIR = "/run/egress"
 DECISIONS_LOG = "/var/log/agentbox-egress.jsonl"
 
 
-def start(client: Any, config: Any, owner: paths.Owner) -> tuple[Any, Any]:
-    """Create the shared volume and start the sidecar; returns (volume, container)."""
-    labels = owner.labels("egress")
-    volume = client.volumes.create(name=paths.unique_name("egress"), labels=labels)
+def create_volume(client: Any, owner: paths.Owner) -> Any:
+    """The volume the sandbox and its sidecar share (it holds only the socket)."""
+    return client.volumes.create(name=paths.unique_name("egress"), labels=owner.labels("egress"))
+
+
+def start(client: Any, config: Any, owner: paths.Owner, volume: Any) -> Any:
+    """Start the sidecar on ``volume``; returns the container (removed again on failure)."""
+    from docker.errors import NotFound
+
     try:
-        sidecar = client.containers.create(
-            config.image,
-            command=["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600; done"],
-            name=paths.unique_name("egress"),
-            user="0",
-            init=True,
-            labels=labels,
-            network=config.egress_network,
-            volumes={volume.name: {"bind": SOCKET_DIR, "mode": "rw"}},
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            mem_limit="256m",
-            pids_limit=256,
-            detach=True,
-        )
-    except Exception:
-        volume.remove(force=True)
-        raise
+        client.networks.get(config.egress_network)
+    except NotFound:
+        raise EgressError(
+            f"egress network {config.egress_network!r} does not exist on this Docker engine. "
+            "Create it (`docker network create NAME`) or choose another with "
+            "--agentbox-egress-network / agentbox_egress_network."
+        ) from None
+    sidecar = client.containers.create(
+        config.image,
+        command=["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600; done"],
+        name=paths.unique_name("egress"),
+        user="0",
+        init=True,
+        labels=owner.labels("egress"),
+        network=config.egress_network,
+        volumes={volume.name: {"bind": SOCKET_DIR, "mode": "rw"}},
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        mem_limit="256m",
+        pids_limit=256,
+        detach=True,
+    )
     try:
         sidecar.start()
         _serve(client, sidecar, config.egress)
     except BaseException:
         sidecar.remove(force=True)
-        volume.remove(force=True)
         raise
-    return volume, sidecar
+    return sidecar
 
 
 def _serve(client: Any, sidecar: Any, policy: Any) -> None:

@@ -10,6 +10,7 @@ import base64
 import fcntl
 import ipaddress
 import json
+import secrets
 import socket
 import struct
 import threading
@@ -17,7 +18,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import ours
 
+from pytest_agentbox.egress import compute_policy
+from pytest_agentbox.errors import EgressError
 from pytest_agentbox.session import DECOY_DOMAIN
 
 DECLARED = "api.github.com"
@@ -252,3 +256,18 @@ def test_pip_download_from_a_declared_index_uses_only_the_sandbox_environment(
     assert wheel in r.stdout
     hosts = {d["host"] for d in decisions(sb) if d["decision"] == "allow"}
     assert hosts == {index}
+
+
+def test_a_failing_sidecar_leaves_nothing_behind_and_says_why(
+    make_sandbox: Any, docker_client: Any
+) -> None:
+    # The sidecar starts in a thread beside the sandbox's own setup: when it fails, the
+    # error is the sidecar's, and the sandbox container and shared volume go too.
+    run_id = secrets.token_hex(8)
+    missing = f"agentbox-test-missing-{run_id}"
+    policy = compute_policy(
+        declared=["example.test"], key_domains=[], has_setup_command=False, unrestricted=False
+    )
+    with pytest.raises(EgressError, match=f"egress network '{missing}' does not exist"):
+        make_sandbox(egress=policy, egress_network=missing, run_id=run_id)
+    assert ours(docker_client, run_id) == []
