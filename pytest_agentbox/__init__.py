@@ -6,6 +6,8 @@ without pytest.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AgentboxError,
     DockerUnavailable,
@@ -16,9 +18,24 @@ from .errors import (
     SetupCommandFailed,
     VaultError,
 )
-from .sandbox import CommandResult, Sandbox, SandboxConfig, Spawned
+
+if TYPE_CHECKING:
+    from .sandbox import CommandResult, Sandbox, SandboxConfig, Spawned
 
 __version__ = "0.2.0"
+
+_FROM_SANDBOX = ("CommandResult", "Sandbox", "SandboxConfig", "Spawned")
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use: the pytest plugin imports this package in every test run of
+    # the environment, and the sandbox code pulls in pydantic.
+    if name in _FROM_SANDBOX:
+        from . import sandbox
+
+        return getattr(sandbox, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AgentboxError",

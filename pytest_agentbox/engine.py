@@ -19,6 +19,8 @@ from typing import Any
 
 from .errors import DockerUnavailable, ImageMissing
 
+DEFAULT_IMAGE = "agentbox/base:bookworm"
+
 _client: Any = None
 _images_seen: set[str] = set()
 

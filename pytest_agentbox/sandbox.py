@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from . import engine, hardening, paths
+from .engine import DEFAULT_IMAGE
 from .errors import AgentboxError, HardeningError, KeyProxyError, SetupCommandFailed
 from .manifest import KeyRoute, Resources
 
-DEFAULT_IMAGE = "agentbox/base:bookworm"
 DEFAULT_TIMEOUT = 300.0
 
 # Exactly these host variables reach the sandbox (seed: allowlist, not denylist). They

@@ -9,19 +9,23 @@ from __future__ import annotations
 import os
 import re
 import statistics
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from filelock import FileLock
+from typing import TYPE_CHECKING, Any
 
 from . import cleanup, engine, paths
+from .engine import DEFAULT_IMAGE
 from .errors import KeyMissing, ManifestError
-from .manifest import KNOWN_PROVIDERS, Manifest, apply_overrides, load_manifest
-from .manifest import resolve_key_routes as _routes
-from .sandbox import DEFAULT_IMAGE, Sandbox, SandboxConfig, close_all
+
+# Kept light on purpose: the plugin loads this in every pytest run of an environment
+# where pytest-agentbox is installed, and in every xdist process. pydantic (manifest),
+# filelock and the sandbox code load on first use.
+if TYPE_CHECKING:
+    from .manifest import Manifest
+    from .sandbox import Sandbox, SandboxConfig
 
 __all__ = ["DEFAULT_IMAGE", "STATS", "RunState", "close_all", "report_sections", "setup_summary"]
 
@@ -130,11 +134,19 @@ class RunState:
         self._cleaned = 0
         manifest_path = options.get("manifest")
         self.manifest_path = Path(manifest_path).resolve() if manifest_path else None
-        self.manifest: Manifest = (
-            load_manifest(self.manifest_path)
-            if self.manifest_path
-            else Manifest(name="agentbox-default")
-        )
+        self._manifest: Manifest | None = None
+        if self.manifest_path:  # a bad manifest is a usage error at start-up, not per test
+            from .manifest import load_manifest
+
+            self._manifest = load_manifest(self.manifest_path)
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            from .manifest import Manifest
+
+            self._manifest = Manifest(name="agentbox-default")
+        return self._manifest
 
     def header_lines(self) -> list[str]:
         where = self.manifest_path or "none (built-in defaults)"
@@ -142,7 +154,8 @@ class RunState:
 
     @property
     def default_image(self) -> str:
-        return self.image_option or self.manifest.runtime.image or DEFAULT_IMAGE
+        from_manifest = self._manifest.runtime.image if self._manifest is not None else None
+        return self.image_option or from_manifest or DEFAULT_IMAGE
 
     @property
     def state_dir(self) -> Path:
@@ -163,6 +176,8 @@ class RunState:
             return
         shared = self._shared_dir()
         marker = shared / f"gc-{self.run_id}.done"
+        from filelock import FileLock
+
         # The lock file is never unlinked: unlinking lets two holders exist at once.
         with FileLock(str(shared / "gc.lock")):
             if not marker.exists():
@@ -187,6 +202,7 @@ class RunState:
 
     def start_fake_upstream(self, extra_domains: tuple[str, ...] = ()) -> Any:
         from .fakeupstream import FakeUpstream
+        from .manifest import KNOWN_PROVIDERS
 
         client = engine.get_client()
         self._once_per_run(client)
@@ -204,6 +220,9 @@ class RunState:
     ) -> SandboxConfig:
         """Manifest + markers + factory overrides -> a validated SandboxConfig."""
         from .egress import compute_policy
+        from .manifest import apply_overrides
+        from .manifest import resolve_key_routes as _routes
+        from .sandbox import SandboxConfig
         from .state import Limits, StateStore
 
         merged: dict[str, Any] = {}
@@ -270,6 +289,15 @@ class RunState:
         return keys
 
     def create_sandbox(self, config: SandboxConfig, on_created: Callable[[Sandbox], None]) -> Any:
+        from .sandbox import Sandbox
+
         client = engine.get_client()
         self._once_per_run(client)
         return Sandbox.create(config, client, on_created=on_created)
+
+
+def close_all() -> None:
+    """Remove every live sandbox of this process (none exist if the sandbox code never loaded)."""
+    loaded = sys.modules.get(f"{__package__}.sandbox")
+    if loaded is not None:
+        loaded.close_all()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 NO_ENGINE = "unix:///nonexistent/agentbox-test-docker.sock"
@@ -140,3 +143,20 @@ def test_unknown_marker_override_is_a_clear_failure(
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*imagee*"])
+
+
+def test_loading_the_plugin_pulls_in_no_heavy_dependency() -> None:
+    # pytest loads the plugin in every run of an environment where it is installed, and
+    # once more per xdist worker: pydantic, docker, yaml and the sandbox code wait until
+    # a sandbox, manifest or vault is used.
+    heavy = ["pydantic", "docker", "yaml", "filelock", "cryptography", "pytest_agentbox.sandbox"]
+    code = (
+        "import sys, pytest_agentbox, pytest_agentbox.plugin\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])\n"
+        "pytest_agentbox.Sandbox\n"
+        "print('pytest_agentbox.sandbox' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[:2] == ["[]", "True"]
