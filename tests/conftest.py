@@ -33,6 +33,12 @@ def docker_client(pytestconfig: pytest.Config) -> Any:
         ):
             pytest.fail(str(exc), pytrace=False)
         pytest.skip(str(exc))
+    # This run's once-per-run clean-up of dead owners' leftovers happens now, before any
+    # test plants leftovers on purpose: otherwise another worker's first sandbox could
+    # remove them mid-test.
+    from pytest_agentbox.plugin import _state
+
+    _state(pytestconfig)._once_per_run(client)
     return client
 
 
