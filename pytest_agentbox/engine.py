@@ -150,13 +150,21 @@ def exec_run(
 
 
 def exec_exit_code(client: Any, exec_id: str) -> int:
-    """The exit code of a finished exec (polls briefly: the engine may lag the stream's end)."""
-    for _ in range(100):
+    """The exit code of a finished exec (polls: the engine may lag the stream's end).
+
+    A busy engine (many parallel workers on few cores) can lag by seconds, hence the
+    generous deadline; -1 only if it never reports one.
+    """
+    deadline = time.monotonic() + 30
+    pause = 0.005
+    while True:
         info = client.api.exec_inspect(exec_id)
         if not info.get("Running") and info.get("ExitCode") is not None:
             return int(info["ExitCode"])
-        time.sleep(0.02)
-    return -1
+        if time.monotonic() > deadline:
+            return -1
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def tar_bytes(
