@@ -33,7 +33,9 @@ def find_leaked(client: Any) -> list[tuple[Leaked, Any]]:
     """Our objects whose owning process is gone, containers first (they hold the rest)."""
     flt = {"label": f"{paths.LABEL_MANAGED}=1"}
     found: list[tuple[Leaked, Any]] = []
-    for c in client.containers.list(all=True, filters=flt):
+    # ignore_removed: the SDK fetches each listed container again, and one that another
+    # process removes in between would otherwise fail the whole clean-up (NotFound).
+    for c in client.containers.list(all=True, filters=flt, ignore_removed=True):
         if _dead(c.labels):
             found.append((Leaked("container", c.name, c.labels[paths.LABEL_OWNER_PID]), c))
     for n in client.networks.list(filters=flt):

@@ -238,18 +238,23 @@ def tar_directory(
 
 
 # Runs one of our stdlib tools from its source on stdin: a length line, then the source,
-# then whatever the tool itself reads. Nothing is written into the container first (an
-# archive upload costs the engine a process start per sandbox), and -I -S keep the
-# image's site-packages and PYTHON* variables out of a root process.
+# then whatever the tool itself reads. Nothing needs writing into the container first
+# (an archive upload costs the engine a process start), and -I -S keep the image's
+# site-packages and PYTHON* variables out of a root process.
 _BOOT = (
     "import sys;b=sys.stdin.buffer;n=int(b.readline());s=b.read(n);sys.argv=sys.argv[1:];"
     "exec(compile(s,sys.argv[0],'exec'),{'__name__':'__main__'})"
 )
 
 
+def tool_source(name: str) -> bytes:
+    """The source of one of our stdlib tools (``pytest_agentbox/<name>``)."""
+    return (Path(__file__).parent / name).read_bytes()
+
+
 def tool_command(name: str, *args: str) -> tuple[list[str], bytes]:
     """(argv, stdin prefix) that run ``pytest_agentbox/<name>`` in a container's python3."""
-    source = (Path(__file__).parent / name).read_bytes()
+    source = tool_source(name)
     return ["python3", "-I", "-S", "-c", _BOOT, name, *args], b"%d\n%s" % (len(source), source)
 
 

@@ -1,14 +1,15 @@
 """Root-only hardening of a fresh sandbox, run before any user code.
 
-This file is stdlib-only on purpose: the host runs it inside the sandbox as root with
-``python3 hardening.py '<json options>'``, its source given on stdin (see
+This file is stdlib-only on purpose: the host runs it inside the sandbox as root, its
+source and then one JSON line of options given on stdin (see
 :func:`pytest_agentbox.engine.tool_command`). It prints one JSON line describing what it
 did. The host side (:func:`check`) turns that into pass, warning or a fail-closed
 :class:`~pytest_agentbox.errors.HardeningError`.
 
 Steps, in order:
-1. make sure the unprivileged user exists (create it when the image lacks one), and make
-   the root-only 0700 tools directory (unpredictable name) and the agent's app directory;
+1. make sure the unprivileged user exists (create it when the image lacks one), make the
+   root-only 0700 tools directory (unpredictable name) holding the key proxy's and the
+   egress forwarder's sources, and the agent's app directory;
 2. delete sudo, su and friends, strip every setuid/setgid bit on the root file system
    (the host scans each image once per process and passes the list to later sandboxes),
    then read each file back and report anything left;
@@ -141,8 +142,13 @@ def _hidepid() -> dict:
 
 
 def _make_dirs(opts: dict, user: dict) -> dict:
-    """Our root-only tools directory, and the agent's empty app directory if asked for."""
+    """Our root-only tools directory with the daemons' sources, and the agent's app/."""
     os.mkdir(opts["tools_dir"], 0o700)
+    for name, source in (opts.get("tools") or {}).items():
+        path = os.path.join(opts["tools_dir"], os.path.basename(name))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(source)
     made = False
     if opts.get("app"):
         home, app = user["home"], os.path.join(user["home"], opts["app"])
@@ -181,7 +187,7 @@ def _install_ca(ca: dict) -> dict:
 
 
 def main(argv: list) -> int:
-    opts = json.loads(argv[1])
+    opts = json.loads(sys.stdin.readline())  # after this file's own source, see the docstring
     result = {"user": _ensure_user(opts["user"], int(opts["uid"]))}
     result.update(_make_dirs(opts, result["user"]))
     result.update(_strip_privileges(opts.get("setid")))

@@ -228,18 +228,24 @@ class Sandbox:
 
     def _harden(self) -> dict[str, Any]:
         image_id = str(self.container.attrs.get("Image", ""))
+        daemons = ["keyproxy.py"] if self.config.key_routes else []
+        if self.volume is not None:
+            daemons.append("egressproxy.py")
         opts = {
             "user": self.config.user,
             "uid": self.config.uid,
             "tools_dir": self._tools_dir,
+            # Written by root into the 0700 directory: no archive upload (each costs the
+            # engine a process start), and the agent can neither read nor replace them.
+            "tools": {name: engine.tool_source(name).decode() for name in daemons},
             "app": "app" if self.config.code_dir is None else None,
             "setid": _SETID_SCANS.get(image_id),
             "ca": {"path": self._ca_bundle, "pem": self.config.extra_ca_pem}
             if self.config.extra_ca_pem
             else None,
         }
-        argv, source = engine.tool_command("hardening.py", json.dumps(opts))
-        report = self._root_json(argv, stdin=source)
+        argv, source = engine.tool_command("hardening.py")
+        report = self._root_json(argv, stdin=source + json.dumps(opts).encode() + b"\n")
         self.user = report["user"]
         self.home = self.user["home"]
         self.workdir = f"{self.home}/app"
@@ -339,10 +345,8 @@ class Sandbox:
             self._env[var] = self._ca_bundle
 
     def _start_root_daemon(self, script: str, config: dict[str, Any], *args: str) -> dict[str, Any]:
-        cmd, source = engine.tool_command(script, *args)
-        ready = engine.start_daemon(
-            self._client, self.container.id, cmd, config, stdin_prefix=source
-        )
+        cmd = ["python3", "-I", "-S", f"{self._tools_dir}/{script}", *args]
+        ready = engine.start_daemon(self._client, self.container.id, cmd, config)
         if not ready:
             raise KeyProxyError(f"the sandbox's {script} did not start (no ready line)")
         return ready

@@ -75,7 +75,7 @@ def ours(client: Any, run_id: str) -> list[Any]:
     """Containers, networks and volumes labelled with ``run_id``."""
     flt = {"label": f"{paths.LABEL_RUN}={run_id}"}
     return [
-        *client.containers.list(all=True, filters=flt),
+        *client.containers.list(all=True, filters=flt, ignore_removed=True),
         *client.networks.list(filters=flt),
         *client.volumes.list(filters=flt),
     ]
@@ -102,7 +102,12 @@ def start_holding_run(path: Path, image: str, run_id: str) -> subprocess.Popen[s
     )  # fmt: skip
     assert proc.stdout is not None
     deadline = time.monotonic() + 120
+    seen: list[str] = []
     for line in proc.stdout:
-        if "READY" in line or time.monotonic() > deadline:
+        seen.append(line)
+        if "READY" in line:
+            return proc
+        if time.monotonic() > deadline:
             break
-    return proc
+    proc.kill()
+    raise AssertionError("the holding run never said READY:\n" + "".join(seen)[-3000:])

@@ -111,6 +111,32 @@ def test_gc_dry_run_lists_and_gc_removes_only_dead_owners(
     stranger.reload()
 
 
+def test_gc_survives_a_container_removed_while_it_lists(
+    docker_client: Any, base_image: str, leaked: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another worker's teardown can remove a container between the engine's list and the
+    # SDK's per-container fetch. Here that interleaving is forced: the clean-up must go on
+    # and still remove the other dead owner's container.
+    from pytest_agentbox import cleanup
+
+    dead, _stranger = leaked
+    vanishing = docker_client.containers.create(base_image, ["true"], labels=dead.labels)
+    real_list = docker_client.api.containers
+
+    def list_then_remove(*args: Any, **kwargs: Any) -> Any:
+        listed = real_list(*args, **kwargs)
+        if any(c["Id"] == vanishing.id for c in listed):
+            vanishing.remove(force=True)
+        return listed
+
+    monkeypatch.setattr(docker_client.api, "containers", list_then_remove)
+    done = cleanup.collect(docker_client)
+    assert dead.name in {d.name for d in done}
+    assert vanishing.name not in {d.name for d in done}
+    with pytest.raises(Exception, match=r"No such container|404"):
+        dead.reload()
+
+
 def test_state_list_and_clear(tmp_path: Path) -> None:
     from pytest_agentbox.state import StateStore
 
@@ -128,3 +154,19 @@ def test_state_list_and_clear(tmp_path: Path) -> None:
     cleared = agentbox("state", "clear", "--state-dir", str(tmp_path), "demo/memory")
     assert "removed 1" in cleared.stdout
     assert store.load("demo/memory") is None
+
+
+def test_a_failing_clean_up_warns_and_never_fails_the_test(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pytest_agentbox.session import RunState
+
+    def broken_list(**_: Any) -> list[Any]:
+        raise RuntimeError("engine hiccup")
+
+    options = SimpleNamespace(get=lambda _name: None, rootpath=tmp_path, cache_dir=Path(".c"))
+    state = RunState(options)
+    state.run_id = secrets.token_hex(8)
+    client = SimpleNamespace(containers=SimpleNamespace(list=broken_list))
+    with pytest.warns(UserWarning, match="clean-up of leaked resources failed: engine hiccup"):
+        state._once_per_run(client)
