@@ -1,6 +1,6 @@
 """Parallel speed-up: a 24-test sandbox suite with ``pytest -n 0`` vs ``pytest -n 2``.
 
-    python benchmarks/bench_parallel.py [--rounds 3] [--workers 2] [--all-plugins]
+    python benchmarks/bench_parallel.py [--rounds 3] [--workers 2] [--all-plugins] [--busy N]
 
 Writes a throwaway suite to a temp dir (24 tests, each with the ``sandbox`` fixture
 and one or two commands; no network) and runs it in subprocesses, alternating the
@@ -13,6 +13,9 @@ limits and security options, starts it, runs one exec, and removes it: the
 engine work of a sandbox without the plugin's own). Its speed-up is what this
 engine and pytest-xdist allow on this machine; the plugin's speed-up is reported
 against it as well.
+
+``--busy N`` makes the 12 echo tests also run a CPU loop of N steps in their sandbox
+(20000000 is about 0.6 s here), for a suite whose tests do work of their own.
 
 Also prints the summed per-phase test durations (``--durations=0``): when they grow
 under ``-n 2`` the workers are waiting on the shared engine.
@@ -43,8 +46,13 @@ SUITE = '''
 import pytest
 
 
+BUSY = 0  # --busy: each test also burns this many loop steps of CPU in its sandbox
+
+
 @pytest.mark.parametrize("i", range(12))
 def test_echo(sandbox, i):
+    if BUSY:
+        assert sandbox.run(["python3", "-c", f"for _ in range({BUSY}): pass"]).ok
     r = sandbox.run(f"echo hello-{i}")
     assert r.exit_code == 0 and r.stdout == f"hello-{i}\\n"
 
@@ -134,6 +142,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--image", default="agentbox/base:bookworm")
     ap.add_argument("--all-plugins", action="store_true", help="load every installed plugin")
+    ap.add_argument(
+        "--busy", type=int, default=0, help="CPU loop steps per echo test, run in the sandbox"
+    )
     args = ap.parse_args()
     started = time.perf_counter()
     runs = [(kind, n) for kind in ("agentbox", "baseline") for n in (0, args.workers)]
@@ -144,7 +155,8 @@ def main() -> None:
         for path in suites.values():
             path.mkdir()
             (path / "pytest.ini").write_text("[pytest]\n")
-            (path / "test_suite.py").write_text(SUITE)
+            suite = SUITE.replace("BUSY = 0", f"BUSY = {args.busy}", 1)
+            (path / "test_suite.py").write_text(suite)
         (suites["baseline"] / "conftest.py").write_text(BASELINE_CONFTEST.format(image=args.image))
         for r in range(args.rounds):
             for kind, workers in runs if r % 2 == 0 else runs[::-1]:

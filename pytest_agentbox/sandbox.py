@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,14 +61,21 @@ _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Runs each user command in its own session and kills the whole group on timeout, so a
 # timed-out command leaves nothing behind. Passed with -c: no file to plant or replace.
+# A blocking wait plus SIGALRM sees the command's end at once (Popen.wait with a timeout
+# polls, up to 50 ms late on every command).
 _RUNNER = (
     "import os,signal,subprocess,sys\n"
-    "t=float(sys.argv[1]);p=subprocess.Popen(sys.argv[2:],start_new_session=True)\n"
-    "try:\n sys.exit(p.wait(t))\n"
-    "except subprocess.TimeoutExpired:\n"
-    " os.killpg(p.pid,signal.SIGKILL);p.wait()\n"
+    "t=float(sys.argv[1]);p=subprocess.Popen(sys.argv[2:],start_new_session=True);k=[]\n"
+    "def kill(*_):\n"
+    " k.append(1)\n"
+    " try:os.killpg(p.pid,signal.SIGKILL)\n"
+    " except OSError:pass\n"
+    "signal.signal(signal.SIGALRM,kill);signal.setitimer(signal.ITIMER_REAL,max(t,1e-3))\n"
+    "r=p.wait();signal.setitimer(signal.ITIMER_REAL,0)\n"
+    "if k:\n"
     " sys.stderr.write('agentbox: command timed out after %gs and was killed\\n'%t)\n"
     " sys.exit(124)\n"
+    "sys.exit(r)\n"
 )
 
 # Sandboxes of this process that are not yet removed: swept at session end and exit,
@@ -196,8 +204,15 @@ class Sandbox:
         engine.ensure_image(self._client, cfg.image)
         owner = paths.Owner.current(cfg.run_id)
         filtering = cfg.egress is not None and cfg.egress.enabled and not cfg.egress.unrestricted
-        sidecar_job = self._start_sidecar(owner) if filtering else None
-        try:
+        if filtering:
+            from . import sidecar
+
+            self.volume = sidecar.create_volume(self._client, owner)
+        # The sidecar needs nothing from the sandbox but the volume: its ~0.5 s of engine
+        # work overlaps the sandbox's own. Leaving the block waits for it, whatever
+        # happened, so close() always sees it.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            sidecar_started = pool.submit(self._start_sidecar, owner) if filtering else None
             with self._step("create container"):
                 self._create_container(owner)
             with self._step("harden"):
@@ -208,11 +223,8 @@ class Sandbox:
             if cfg.state_scope and cfg.state_store is not None:
                 with self._step("restore state"):
                     self._restore_state()
-        finally:
-            if sidecar_job is not None:  # whatever happened, close() must see the sidecar
-                sidecar_job.join()
-        if sidecar_job is not None and sidecar_job.error is not None:
-            raise sidecar_job.error
+        if sidecar_started is not None:
+            sidecar_started.result()  # its error, if it had one
         self._env = self._base_env()
         if cfg.extra_ca_pem:
             self._use_ca_bundle()
@@ -384,18 +396,11 @@ class Sandbox:
 
     # ---- egress ------------------------------------------------------------------
 
-    def _start_sidecar(self, owner: paths.Owner) -> _Job:
-        """Start the egress sidecar in a thread: it needs nothing from the sandbox but the
-        shared volume, and its ~0.5 s of engine work overlaps the sandbox's own setup."""
+    def _start_sidecar(self, owner: paths.Owner) -> None:
         from . import sidecar
 
-        self.volume = sidecar.create_volume(self._client, owner)
-
-        def run() -> None:
-            with self._step("egress sidecar (parallel)"):
-                self.sidecar = sidecar.start(self._client, self.config, owner, self.volume)
-
-        return _Job(run)
+        with self._step("egress sidecar (parallel)"):
+            self.sidecar = sidecar.start(self._client, self.config, owner, self.volume)
 
     def _start_forwarder(self) -> None:
         ready = self._start_root_daemon(
@@ -626,12 +631,9 @@ class Sandbox:
             with contextlib.suppress(Exception):
                 obj.remove(force=True, v=True)
 
-        # The sidecar goes in a thread meanwhile; the volume only once both are gone.
-        job = _Job(lambda: remove(self.sidecar)) if self.sidecar is not None else None
-        if self.container is not None:
-            remove(self.container)
-        if job is not None:
-            job.join()
+        # Container and sidecar go side by side; the volume once both are gone.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pool.map(remove, [o for o in (self.container, self.sidecar) if o is not None])
         if self.volume is not None:
             with contextlib.suppress(Exception):
                 self.volume.remove(force=True)
@@ -721,25 +723,6 @@ class Spawned:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Job:
-    """A function run in a daemon thread; :meth:`join` waits, ``error`` holds what it raised."""
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self.error: BaseException | None = None
-        self._fn = fn
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._fn()
-        except BaseException as exc:  # handed to the caller by join()
-            self.error = exc
-
-    def join(self) -> None:
-        self._thread.join()
 
 
 def close_all() -> None:

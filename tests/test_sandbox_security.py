@@ -151,6 +151,9 @@ def test_timed_out_command_is_killed_with_its_children(sandbox: Any) -> None:
     assert "timed out after 1s" in r.stderr
     left = sandbox.run("ps -eo args=")
     assert "sleep 6" not in left.stdout
+    # Within its time a command keeps its own exit code.
+    quick = sandbox.run("sleep 0.3; exit 3", timeout=30)
+    assert quick.exit_code == 3 and not quick.timed_out
 
 
 def test_limits_from_the_manifest_are_applied(sandbox_factory: Any) -> None:
