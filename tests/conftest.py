@@ -6,6 +6,8 @@ when no engine answers, failed when ``--agentbox-require-docker`` is given (CI).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import secrets
 import subprocess
@@ -63,6 +65,18 @@ def make_sandbox(docker_client: Any, base_image: str) -> Iterator[Any]:
     yield make
     for sb in made:
         sb.close()
+
+
+@contextlib.contextmanager
+def built_image(client: Any, name: str, base: str, *run_lines: str) -> Iterator[str]:
+    """A throwaway image: ``base`` plus Dockerfile lines, removed afterwards."""
+    tag = f"agentbox-test/{name}:{secrets.token_hex(4)}"
+    dockerfile = "\n".join([f"FROM {base}", *run_lines]) + "\n"
+    client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
+    try:
+        yield tag
+    finally:
+        client.images.remove(tag, force=True)
 
 
 @pytest.fixture

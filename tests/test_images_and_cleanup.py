@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ours, start_holding_run
+from conftest import built_image, ours, start_holding_run
 
 from pytest_agentbox import paths
 
@@ -28,16 +28,15 @@ pytestmark = pytest.mark.xdist_group("inner-runs")
 @pytest.fixture(scope="module")
 def foreign_image(docker_client: Any, base_image: str) -> Iterator[str]:
     """An image we did not prepare: no agent user, sudo reinstalled, a different default user."""
-    tag = f"agentbox-test/foreign:{secrets.token_hex(4)}"
-    dockerfile = (
-        f"FROM {base_image}\n"
-        "RUN userdel -r agent && chmod 4755 /usr/bin/sudo\n"
-        "USER nobody\n"
-        "WORKDIR /\n"
-    )
-    docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
-    yield tag
-    docker_client.images.remove(tag, force=True)
+    with built_image(
+        docker_client,
+        "foreign",
+        base_image,
+        "RUN userdel -r agent && chmod 4755 /usr/bin/sudo",
+        "USER nobody",
+        "WORKDIR /",
+    ) as tag:
+        yield tag
 
 
 def test_an_image_we_did_not_build_works_and_gets_the_user(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 import secrets
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import ours
+from conftest import built_image, ours
 
 from pytest_agentbox import sandbox as sandbox_mod
 from pytest_agentbox.errors import HardeningError, SetupCommandFailed
@@ -235,16 +234,15 @@ def test_agent_can_write_its_own_dirs_but_not_the_system(sandbox: Any) -> None:
 @pytest.fixture(scope="module")
 def planted_image(docker_client: Any, base_image: str) -> Iterator[str]:
     """The base image plus setuid/setgid files at odd paths and a 0700 home."""
-    tag = f"agentbox-test/planted:{secrets.token_hex(4)}"
-    dockerfile = (
-        f"FROM {base_image}\n"
+    with built_image(
+        docker_client,
+        "planted",
+        base_image,
         "RUN mkdir -p /opt/odd/deep && cp /bin/true /opt/odd/deep/suid-tool "
         "&& chmod 4755 /opt/odd/deep/suid-tool && cp /bin/true /var/sgid-tool "
-        "&& chmod 2755 /var/sgid-tool && chmod 700 /home/agent\n"
-    )
-    docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
-    yield tag
-    docker_client.images.remove(tag, force=True)
+        "&& chmod 2755 /var/sgid-tool && chmod 700 /home/agent",
+    ) as tag:
+        yield tag
 
 
 def test_every_sandbox_of_an_image_is_stripped_also_from_the_cached_scan(
