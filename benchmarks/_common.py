@@ -203,9 +203,9 @@ def nodelay_tools() -> Iterator[None]:
     Swaps the in-process function that reads the root tools shipped into a sandbox,
     so the suggested fix can be measured without editing the product files.
     """
-    from pytest_agentbox import sandbox as sbmod
+    from pytest_agentbox import engine
 
-    original = sbmod._tool_source
+    original = engine.tool_source
 
     def patched(name: str) -> bytes:
         source = original(name).decode()
@@ -216,8 +216,8 @@ def nodelay_tools() -> Iterator[None]:
                 source = source.replace(anchor, anchor + line)
         return source.encode()
 
-    sbmod._tool_source = patched
+    engine.tool_source = patched  # type: ignore[assignment]
     try:
         yield
     finally:
-        sbmod._tool_source = original
+        engine.tool_source = original  # type: ignore[assignment]

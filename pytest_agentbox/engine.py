@@ -5,6 +5,7 @@ Nothing here runs at import time, so ``pytest --help`` works without an engine.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -247,6 +248,7 @@ _BOOT = (
 )
 
 
+@functools.cache
 def tool_source(name: str) -> bytes:
     """The source of one of our stdlib tools (``pytest_agentbox/<name>``)."""
     return (Path(__file__).parent / name).read_bytes()

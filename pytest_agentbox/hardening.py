@@ -186,7 +186,7 @@ def _install_ca(ca: dict) -> dict:
     return {"ca_bundle": ca["path"]}
 
 
-def main(argv: list) -> int:
+def main() -> int:
     opts = json.loads(sys.stdin.readline())  # after this file's own source, see the docstring
     result = {"user": _ensure_user(opts["user"], int(opts["uid"]))}
     result.update(_make_dirs(opts, result["user"]))
@@ -199,7 +199,7 @@ def main(argv: list) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main())
 
 
 # ---- host side -------------------------------------------------------------------

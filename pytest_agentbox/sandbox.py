@@ -188,7 +188,8 @@ class Sandbox:
             sb.collect_logs()  # for the failed setup's report: the sandbox goes next
             sb.close()
             raise
-        sb.setup_seconds = time.monotonic() - start
+        finally:
+            sb.setup_seconds = time.monotonic() - start
         return sb
 
     @contextlib.contextmanager

@@ -16,6 +16,24 @@ SOCKET_DIR = "/run/egress"
 DECISIONS_LOG = "/var/log/agentbox-egress.jsonl"
 
 
+# Egress networks seen to exist in this process: checked once, not once per sandbox.
+_NETWORKS_SEEN: set[str] = set()
+
+
+def _check_network(client: Any, name: str) -> None:
+    from docker.errors import NotFound
+
+    try:
+        client.networks.get(name)
+    except NotFound:
+        raise EgressError(
+            f"egress network {name!r} does not exist on this Docker engine. "
+            "Create it (`docker network create NAME`) or choose another with "
+            "--agentbox-egress-network / agentbox_egress_network."
+        ) from None
+    _NETWORKS_SEEN.add(name)
+
+
 def create_volume(client: Any, owner: paths.Owner) -> Any:
     """The volume the sandbox and its sidecar share (it holds only the socket)."""
     return client.volumes.create(name=paths.unique_name("egress"), labels=owner.labels("egress"))
@@ -23,16 +41,8 @@ def create_volume(client: Any, owner: paths.Owner) -> Any:
 
 def start(client: Any, config: Any, owner: paths.Owner, volume: Any) -> Any:
     """Start the sidecar on ``volume``; returns the container (removed again on failure)."""
-    from docker.errors import NotFound
-
-    try:
-        client.networks.get(config.egress_network)
-    except NotFound:
-        raise EgressError(
-            f"egress network {config.egress_network!r} does not exist on this Docker engine. "
-            "Create it (`docker network create NAME`) or choose another with "
-            "--agentbox-egress-network / agentbox_egress_network."
-        ) from None
+    if config.egress_network not in _NETWORKS_SEEN:
+        _check_network(client, config.egress_network)
     sidecar = client.containers.create(
         config.image,
         command=["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600; done"],
