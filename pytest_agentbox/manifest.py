@@ -348,6 +348,16 @@ def _check_keys(keys: Sequence[KeyRequirement]) -> None:
             )
         env, base = key.effective_env_names()
         for field, name in (("env_var", env), ("base_url_env", base)):
+            if getattr(key, field) is None:
+                # A default derived from the provider name ('ld' -> LD_API_KEY) meets the
+                # same rule as a declared name.
+                try:
+                    check_env_name(name)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{where}.{field}: {exc} (it is the default for provider "
+                        f"{key.provider!r}; set {field} to another name)"
+                    ) from None
             upper = name.upper()
             owner = _KNOWN_ENV_OWNER.get(upper)
             if owner is not None and owner != key.provider:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,11 @@ from pytest_agentbox.manifest import (
     normalize_domain,
     protected_env_reason,
     resolve_key_routes,
+)
+from pytest_agentbox.rules import (
+    PROTECTED_ENV_FAMILIES,
+    check_env_name,
+    protected_env_family,
 )
 
 PYDANTIC_NOISE = ("pydantic", "errors.pydantic.dev", "validation error for", "Value error,")
@@ -240,91 +246,361 @@ def test_wildcard_invalid_forms(value: str, rule: str) -> None:
 
 # ---------------------------------------------------------------------- protected env
 
+# One or more names per family: an exact name and, where the family is open-ended, a
+# member of a prefix or suffix pattern. Lower-case spellings check the case folding of
+# protected_env_family (a manifest cannot use them: env names are upper case).
+PROTECTED_CASES = [
+    # dynamic loader
+    ("LD_PRELOAD", "loader"),
+    ("LD_AUDIT", "loader"),
+    ("LD_BIND_NOW", "loader"),  # prefix LD_*
+    ("DYLD_INSERT_LIBRARIES", "loader"),
+    ("DYLD_FALLBACK_LIBRARY_PATH", "loader"),  # prefix DYLD_*
+    ("ld_library_path", "loader"),
+    # libc / malloc
+    ("GLIBC_TUNABLES", "libc"),
+    ("GCONV_PATH", "libc"),
+    ("HOSTALIASES", "libc"),
+    ("RES_OPTIONS", "libc"),
+    ("LOCALDOMAIN", "libc"),
+    ("MALLOC_CHECK_", "libc"),  # prefix MALLOC_*
+    ("MALLOC_CONF", "libc"),
+    # shells
+    ("BASH_ENV", "shell"),
+    ("ENV", "shell"),
+    ("PS4", "shell"),
+    ("SHELLOPTS", "shell"),
+    ("BASHOPTS", "shell"),
+    ("IFS", "shell"),
+    ("CDPATH", "shell"),
+    ("PROMPT_COMMAND", "shell"),
+    ("BASH_FUNC_X", "shell"),  # prefix BASH_*
+    ("ZDOTDIR", "shell"),
+    # programs that tools run
+    ("EDITOR", "hook"),
+    ("LESSOPEN", "hook"),
+    ("SSH_ASKPASS", "hook"),  # exact wins over SSH_*
+    ("TAR_OPTIONS", "hook"),
+    # interpreters
+    ("PYTHONPATH", "interpreter"),
+    ("PYTHONSTARTUP", "interpreter"),  # prefix PYTHON*
+    ("PERL5LIB", "interpreter"),
+    ("PERL5OPT", "interpreter"),
+    ("PERLLIB", "interpreter"),
+    ("RUBYOPT", "interpreter"),
+    ("RUBYLIB", "interpreter"),
+    ("NODE_OPTIONS", "interpreter"),
+    ("NODE_REPL_EXTERNAL_MODULE", "interpreter"),  # prefix NODE_*
+    ("LUA_INIT", "interpreter"),
+    ("LUA_INIT_5_4", "interpreter"),
+    ("LUA_PATH", "interpreter"),
+    ("JAVA_TOOL_OPTIONS", "interpreter"),
+    ("_JAVA_OPTIONS", "interpreter"),
+    ("JDK_JAVA_OPTIONS", "interpreter"),
+    ("CLASSPATH", "interpreter"),
+    ("DOTNET_STARTUP_HOOKS", "interpreter"),
+    ("COMPLUS_ENABLEDIAGNOSTICS", "interpreter"),
+    ("complus_dbgenablemanageddebugger", "interpreter"),  # COMPlus_ folds
+    ("CORECLR_PROFILER_PATH", "interpreter"),
+    ("PHPRC", "interpreter"),
+    ("PHP_INI_SCAN_DIR", "interpreter"),
+    ("R_PROFILE_USER", "interpreter"),
+    ("GOFLAGS", "interpreter"),
+    ("GOPROXY", "interpreter"),
+    ("GONOSUMDB", "interpreter"),
+    ("GOPRIVATE", "interpreter"),
+    ("GOTOOLCHAIN", "interpreter"),
+    ("CGO_LDFLAGS", "interpreter"),
+    ("PYTEST_PLUGINS", "interpreter"),
+    # build toolchain
+    ("CC", "toolchain"),
+    ("LDFLAGS", "toolchain"),
+    ("RUSTC_WRAPPER", "toolchain"),
+    ("PKG_CONFIG_PATH", "toolchain"),
+    ("CMAKE_TOOLCHAIN_FILE", "toolchain"),
+    # TLS / CA
+    ("SSL_CERT_FILE", "tls"),
+    ("SSL_CERT_DIR", "tls"),
+    ("REQUESTS_CA_BUNDLE", "tls"),
+    ("CURL_CA_BUNDLE", "tls"),
+    ("NODE_EXTRA_CA_CERTS", "tls"),  # exact wins over NODE_*
+    ("NODE_TLS_REJECT_UNAUTHORIZED", "tls"),
+    ("OPENSSL_CONF", "tls"),
+    ("OPENSSL_MODULES", "tls"),  # prefix OPENSSL_*
+    ("SSLKEYLOGFILE", "tls"),
+    ("GIT_SSL_NO_VERIFY", "tls"),  # GIT_SSL_* is longer than GIT_*
+    ("GIT_SSL_CAINFO", "tls"),
+    ("PYTHONHTTPSVERIFY", "tls"),  # exact wins over PYTHON*
+    # proxies, in any case and for any scheme
+    ("HTTP_PROXY", "proxy"),
+    ("HTTPS_PROXY", "proxy"),
+    ("ALL_PROXY", "proxy"),
+    ("NO_PROXY", "proxy"),
+    ("FTP_PROXY", "proxy"),
+    ("http_proxy", "proxy"),
+    ("Https_Proxy", "proxy"),
+    ("WSS_PROXY", "proxy"),  # suffix *_PROXY
+    ("RSYNC_PROXY", "proxy"),
+    ("WGETRC", "proxy"),
+    # package managers
+    ("PIP_INDEX_URL", "package"),
+    ("PIP_EXTRA_INDEX_URL", "package"),
+    ("PIPX_HOME", "package"),
+    ("UV_INDEX_URL", "package"),
+    ("POETRY_REPOSITORIES_X_URL", "package"),
+    ("NPM_CONFIG_REGISTRY", "package"),
+    ("npm_config_registry", "package"),
+    ("YARN_NPM_REGISTRY_SERVER", "package"),
+    ("CARGO_REGISTRIES_X_INDEX", "package"),
+    ("RUSTUP_DIST_SERVER", "package"),
+    ("GEM_HOST", "package"),
+    ("GEMRC", "package"),
+    ("BUNDLE_GEMFILE", "package"),
+    ("COMPOSER_HOME", "package"),
+    ("CONDA_PKGS_DIRS", "package"),
+    ("CONDARC", "package"),
+    ("VIRTUAL_ENV", "package"),
+    # locale / terminal / time-zone data
+    ("LOCPATH", "locale"),
+    ("NLSPATH", "locale"),
+    ("I18NPATH", "locale"),
+    ("TERMINFO", "locale"),
+    ("TERMINFO_DIRS", "locale"),
+    ("TERMCAP", "locale"),
+    ("TZDIR", "locale"),
+    ("TZ", "locale"),
+    ("LANG", "locale"),
+    ("LANGUAGE", "locale"),
+    ("LC_ALL", "locale"),
+    ("LC_CTYPE", "locale"),  # prefix LC_*
+    # Kerberos
+    ("KRB5_CONFIG", "kerberos"),
+    ("KRB5_KTNAME", "kerberos"),
+    ("KRB5CCNAME", "kerberos"),  # prefix KRB5*
+    ("KRB5_TRACE", "kerberos"),
+    # debuggers and tracing
+    ("PYTHONBREAKPOINT", "debugger"),  # exact wins over PYTHON*
+    ("PERL5DB", "debugger"),  # exact wins over PERL*
+    ("PERLDB_OPTS", "debugger"),
+    ("GDBHISTFILE", "debugger"),  # prefix GDB*
+    ("ASAN_OPTIONS", "debugger"),  # suffix *SAN_OPTIONS
+    ("DEBUGINFOD_URLS", "debugger"),
+    ("VALGRIND_OPTS", "debugger"),
+    # git
+    ("GIT_SSH_COMMAND", "git"),
+    ("GIT_DIR", "git"),
+    ("GIT_CONFIG_GLOBAL", "git"),
+    ("git_exec_path", "git"),
+    # system
+    ("PATH", "system"),
+    ("HOME", "system"),
+    ("USER", "system"),
+    ("LOGNAME", "system"),
+    ("SHELL", "system"),
+    ("PWD", "system"),
+    ("OLDPWD", "system"),
+    ("TERM", "system"),
+    ("TMPDIR", "system"),
+    ("DISPLAY", "system"),
+    ("XDG_CONFIG_HOME", "system"),
+    ("SSH_AUTH_SOCK", "system"),
+    ("path", "system"),
+    # cloud, cluster and engine clients
+    ("KUBECONFIG", "cloud"),
+    ("DOCKER_HOST", "cloud"),
+    ("AWS_SHARED_CREDENTIALS_FILE", "cloud"),
+    ("AWS_ENDPOINT_URL", "cloud"),
+    ("GOOGLE_APPLICATION_CREDENTIALS", "cloud"),
+    # reserved
+    ("AGENTBOX_TOKEN", "agentbox"),
+    ("AGENTBOX_ANYTHING", "agentbox"),
+]
 
-@pytest.mark.parametrize(
-    ("name", "reason_word"),
-    [
-        ("LD_PRELOAD", "loader"),
-        ("Ld_Preload", "loader"),
-        ("ld_library_path", "loader"),
-        ("LD_AUDIT", "loader"),
-        ("DYLD_INSERT_LIBRARIES", "loader"),
-        ("dyld_library_path", "loader"),
-        ("PYTHONPATH", "loader"),
-        ("PythonStartup", "loader"),
-        ("PYTHONHOME", "loader"),
-        ("pythonhttpsverify", "loader"),
-        ("NODE_OPTIONS", "loader"),
-        ("node_path", "loader"),
-        ("BASH_ENV", "loader"),
-        ("ENV", "loader"),
-        ("env", "loader"),
-        ("PERL5LIB", "loader"),
-        ("Perl5Opt", "loader"),
-        ("RUBYOPT", "loader"),
-        ("JAVA_TOOL_OPTIONS", "loader"),
-        ("GIT_SSH_COMMAND", "loader"),
-        ("git_dir", "loader"),
-        ("GLIBC_TUNABLES", "loader"),
-        ("BASH_FUNC_foo%%", "loader"),
-        ("HTTP_PROXY", "proxy/CA"),
-        ("http_proxy", "proxy/CA"),
-        ("Https_Proxy", "proxy/CA"),
-        ("ALL_PROXY", "proxy/CA"),
-        ("no_proxy", "proxy/CA"),
-        ("FTP_PROXY", "proxy/CA"),
-        ("wss_proxy", "proxy/CA"),
-        ("SSL_CERT_FILE", "proxy/CA"),
-        ("ssl_cert_dir", "proxy/CA"),
-        ("REQUESTS_CA_BUNDLE", "proxy/CA"),
-        ("Curl_Ca_Bundle", "proxy/CA"),
-        ("NODE_EXTRA_CA_CERTS", "proxy/CA"),
-        ("NODE_TLS_REJECT_UNAUTHORIZED", "proxy/CA"),
-        ("PIP_INDEX_URL", "package manager"),
-        ("pip_extra_index_url", "package manager"),
-        ("NPM_CONFIG_REGISTRY", "package manager"),
-        ("npm_config_registry", "package manager"),
-        ("PATH", "system"),
-        ("path", "system"),
-        ("HOME", "system"),
-        ("USER", "system"),
-        ("LOGNAME", "system"),
-        ("SHELL", "system"),
-        ("PWD", "system"),
-        ("TMPDIR", "system"),
-        ("IFS", "system"),
-        ("PS4", "system"),
-        ("TERM", "system"),
-        ("LANG", "system"),
-        ("LANGUAGE", "system"),
-        ("LC_ALL", "system"),
-        ("lc_ctype", "system"),
-        ("TZ", "system"),
-        ("AGENTBOX_TOKEN", "pytest-agentbox"),
-        ("agentbox_anything", "pytest-agentbox"),
-    ],
-)
-def test_protected_env_names(name: str, reason_word: str) -> None:
+FAMILIES = {f.key: f for f in PROTECTED_ENV_FAMILIES}
+
+
+def test_every_family_has_cases() -> None:
+    assert {family for _, family in PROTECTED_CASES} == set(FAMILIES)
+
+
+def test_family_table_is_consistent() -> None:
+    seen: dict[str, str] = {}
+    for family in PROTECTED_ENV_FAMILIES:
+        assert family.label and family.why, family.key
+        for name in family.names:
+            assert name not in seen, f"{name} in {seen.get(name)} and {family.key}"
+            seen[name] = family.key
+        for text in (*family.names, *family.prefixes, *family.suffixes):
+            assert text == text.upper() and re.fullmatch(r"[A-Z0-9_]+", text), text
+        for name in family.names:  # every exact name is one a manifest could write
+            assert protected_env_family(name) == (family, name)
+
+
+@pytest.mark.parametrize(("name", "family"), PROTECTED_CASES)
+def test_protected_env_names(name: str, family: str) -> None:
+    found = protected_env_family(name)
+    assert found is not None, name
+    assert found[0].key == family
     reason = protected_env_reason(name)
-    assert reason is not None and reason_word in reason
+    assert reason is not None
+    assert reason.startswith(f"{FAMILIES[family].label} variable (")
+    assert FAMILIES[family].why in reason
+
+
+@pytest.mark.parametrize("field", ["env_var", "base_url_env"])
+@pytest.mark.parametrize(("name", "family"), [c for c in PROTECTED_CASES if c[0].isupper()])
+def test_manifest_refuses_protected_env_names(name: str, family: str, field: str) -> None:
+    message = manifest_error(
+        {"name": "agent", "keys": [{"provider": "x", "domain": "x.example.com", field: name}]}
+    )
+    fam = FAMILIES[family]
+    assert_readable(
+        message,
+        f"agent.yaml: keys[0].{field}: {name!r} is a {fam.label} variable (",
+        fam.why,
+        "; choose another name",
+    )
+
+
+def test_protected_message_names_family_and_why() -> None:
+    message = manifest_error(
+        {"name": "agent", "keys": [{"provider": "openai", "env_var": "LD_PRELOAD"}]}
+    )
+    assert message == (
+        "agent.yaml: keys[0].env_var: 'LD_PRELOAD' is a dynamic-loader variable "
+        "(it makes every program load attacker code); choose another name"
+    )
+    # A pattern match names the pattern.
+    message = manifest_error(
+        {"name": "agent", "keys": [{"provider": "openai", "env_var": "MALLOC_X"}]}
+    )
+    assert_readable(message, "'MALLOC_X' is a C-library variable (MALLOC_*: ")
 
 
 @pytest.mark.parametrize(
     "name",
     [
+        "ACME_API_KEY",
+        "MY_SERVICE_BASE_URL",
         "OPENAI_API_KEY",
+        "GOOGLE_API_KEY",  # GO* is exact names only
         "MY_API_KEY",
         "GITHUB_TOKEN",  # GIT_ is a prefix with underscore; GITHUB_ is not it
         "LDAP_URL",  # LD_ needs the underscore
+        "NODEREAL_API_KEY",  # NODE_ needs the underscore
+        "DOCKERHUB_TOKEN",
         "PATHFINDER_KEY",
         "HOMEPAGE_URL",
-        "PROXY_API_KEY",
+        "PROXY_API_KEY",  # *_PROXY is a suffix
         "ENVIRONMENT",
         "TERMINAL_KEY",
+        "LANGSMITH_API_KEY",
+        "PERPLEXITY_API_KEY",
+        "REPLICATE_API_TOKEN",
+        "COHERE_API_KEY",
+        "AZURE_OPENAI_API_KEY",
+        "HF_TOKEN",
+        "_PRIVATE_KEY",
+        "A" * 64,
     ],
 )
 def test_unprotected_env_names(name: str) -> None:
     assert protected_env_reason(name) is None
+    assert check_env_name(name) == name
+    # A known provider's own names are usable by that provider only.
+    owner = next((p for p, info in KNOWN_PROVIDERS.items() if info.env_var == name), None)
+    key = {"provider": owner} if owner else {"provider": "x", "domain": "x.example.com"}
+    manifest = manifest_from_dict({"name": "a", "keys": [{**key, "env_var": name}]})
+    assert manifest.keys[0].env_var == name
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("PATH\n", "line break"),  # `$` would accept the newline
+        ("OPENAI_API_KEY\n", "line break"),
+        ("ACME_API_KEY\r\n", "line break"),
+        (" ACME_API_KEY", "whitespace"),
+        ("MY KEY", "whitespace"),
+        ("acme_api_key", "use upper case"),
+        ("Acme_Key", "use upper case"),
+        ("http_proxy", "use upper case"),
+        ("1ABC", "not starting with a digit"),
+        ("9", "not starting with a digit"),
+        ("MY-KEY", "environment variable name"),
+        ("MY.KEY", "environment variable name"),
+        ("BASH_FUNC_X%%", "environment variable name"),
+        ("ÄPI_KEY", "environment variable name"),
+        ("KEY\x00", "environment variable name"),
+        ("", "environment variable name"),
+        ("A" * 65, "at most 64 characters"),
+    ],
+)
+def test_env_name_syntax(value: str, hint: str) -> None:
+    with pytest.raises(ValueError, match="environment variable name") as info:
+        check_env_name(value)
+    assert hint in str(info.value)
+    assert value.strip() not in str(info.value) or not value.strip()  # never echoed
+
+
+@pytest.mark.parametrize("field", ["env_var", "base_url_env"])
+@pytest.mark.parametrize("value", ["PATH\n", "OPENAI_API_KEY\n", "acme_api_key", "1ABC", "A" * 65])
+def test_manifest_refuses_bad_env_syntax(field: str, value: str) -> None:
+    message = manifest_error(
+        {"name": "agent", "keys": [{"provider": "x", "domain": "x.example.com", field: value}]}
+    )
+    assert_readable(message, "agent.yaml", f"keys[0].{field}", "environment variable name")
+    assert value not in message
+
+
+@pytest.mark.parametrize(
+    ("provider", "field", "default", "label"),
+    [
+        ("ld", "env_var", "LD_API_KEY", "dynamic-loader"),
+        ("python-tools", "env_var", "PYTHON_TOOLS_API_KEY", "interpreter"),
+        ("agentbox", "base_url_env", "AGENTBOX_BASE_URL", "pytest-agentbox"),
+        ("aws", "env_var", "AWS_API_KEY", "cloud/engine credential"),
+    ],
+)
+def test_default_env_names_meet_the_same_rule(
+    provider: str, field: str, default: str, label: str
+) -> None:
+    key: dict[str, str] = {"provider": provider, "domain": "x.example.com"}
+    if field == "base_url_env":
+        key["env_var"] = "FINE_API_KEY"
+    message = manifest_error({"name": "agent", "keys": [key]})
+    assert_readable(
+        message,
+        f"keys[0].{field}: {default!r} is a {label} variable",
+        f"default for provider {provider!r}; set {field} to another name",
+    )
+
+
+def test_default_env_name_can_be_renamed_away() -> None:
+    manifest = manifest_from_dict(
+        {
+            "name": "a",
+            "keys": [
+                {
+                    "provider": "ld",
+                    "domain": "x.example.com",
+                    "env_var": "LDX_API_KEY",
+                    "base_url_env": "LDX_BASE_URL",
+                }
+            ],
+        }
+    )
+    assert manifest.keys[0].effective_env_names() == ("LDX_API_KEY", "LDX_BASE_URL")
+
+
+@pytest.mark.parametrize("value", ["LD_PRELOAD", "PATH\n", "KRB5_CONFIG"])
+def test_overrides_refuse_bad_env_names(value: str) -> None:
+    base = manifest_from_dict({"name": "a"})
+    with pytest.raises(ManifestError) as info:
+        apply_overrides(
+            base, {"keys": [{"provider": "p", "domain": "p.example.com", "env_var": value}]}
+        )
+    assert_readable(str(info.value), "with test overrides", "keys[0].env_var")
 
 
 # ---------------------------------------------------------------------------- key fields
@@ -359,11 +635,11 @@ def test_provider_names_invalid(provider: str, rule: str) -> None:
 @pytest.mark.parametrize(
     ("value", "rule"),
     [
-        ("LD_PRELOAD", "loader"),
-        ("http_proxy", "proxy/CA"),
-        ("PATH", "system"),
-        ("PIP_INDEX_URL", "package manager"),
-        ("AGENTBOX_X", "pytest-agentbox"),
+        ("LD_PRELOAD", "dynamic-loader variable"),
+        ("HTTP_PROXY", "proxy variable"),
+        ("PATH", "system variable"),
+        ("PIP_INDEX_URL", "package-manager variable"),
+        ("AGENTBOX_X", "pytest-agentbox variable"),
         ("1ABC", "environment variable name"),
         ("MY-KEY", "environment variable name"),
         ("MY KEY", "environment variable name"),
@@ -457,10 +733,10 @@ def test_key_written_as_plain_provider_name() -> None:
 @pytest.mark.parametrize(
     ("keys", "path", "words"),
     [
-        (  # env_var vs another key's base_url_env, different case
+        (  # env_var vs another key's base_url_env
             [
                 {"provider": "a", "domain": "a.example.com", "env_var": "SHARED_NAME"},
-                {"provider": "b", "domain": "b.example.com", "base_url_env": "shared_name"},
+                {"provider": "b", "domain": "b.example.com", "base_url_env": "SHARED_NAME"},
             ],
             "keys[1].base_url_env",
             "already used by keys[0].env_var",
@@ -488,7 +764,7 @@ def test_key_written_as_plain_provider_name() -> None:
         (  # defaults collide: "my-p" and a declared MY_P_API_KEY
             [
                 {"provider": "my-p", "domain": "p.example.com"},
-                {"provider": "other", "domain": "o.example.com", "env_var": "My_P_Api_Key"},
+                {"provider": "other", "domain": "o.example.com", "env_var": "MY_P_API_KEY"},
             ],
             "keys[1].env_var",
             "already used",
@@ -504,7 +780,7 @@ def test_key_written_as_plain_provider_name() -> None:
             "belongs to the known provider 'openai'",
         ),
         (
-            [{"provider": "myproxy", "domain": "p.example.com", "base_url_env": "openai_base_url"}],
+            [{"provider": "myproxy", "domain": "p.example.com", "base_url_env": "OPENAI_BASE_URL"}],
             "keys[0].base_url_env",
             "belongs to the known provider 'openai'",
         ),
@@ -850,8 +1126,8 @@ def test_load_manifest_full_example(tmp_path: Path) -> None:
             ["keys[0].domain", "'10.0.0.1' is an IP address", "api.example.com"],
         ),
         (
-            "name: a\nkeys:\n  - provider: x\n    domain: x.example.com\n    env_var: http_proxy\n",
-            ["keys[0].env_var", "'http_proxy' is a protected name", "proxy/CA"],
+            "name: a\nkeys:\n  - provider: x\n    domain: x.example.com\n    env_var: HTTP_PROXY\n",
+            ["keys[0].env_var", "'HTTP_PROXY' is a proxy variable", "choose another name"],
         ),
         (
             "name: a\npermissions:\n  network: [localhost]\n",
@@ -878,7 +1154,7 @@ def test_load_manifest_message_names_the_file_as_given(
     with pytest.raises(ManifestError) as info:
         load_manifest("agent.yaml")
     assert str(info.value).startswith(
-        "agent.yaml: keys[0].env_var: 'LD_PRELOAD' is a protected name"
+        "agent.yaml: keys[0].env_var: 'LD_PRELOAD' is a dynamic-loader variable"
     )
 
 
