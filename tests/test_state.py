@@ -5,7 +5,6 @@ Every archive here is crafted with tarfile in the test; no Docker is involved.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import os
@@ -18,6 +17,7 @@ import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +25,7 @@ from pytest_agentbox.errors import StateError
 from pytest_agentbox.state import (
     ALLOWED_DIRS,
     MAX_LISTED_DROPS,
+    ArchiveRefused,
     ChunkReader,
     FilterReport,
     Limits,
@@ -46,6 +47,7 @@ class E:
     data: bytes = b"x"
     mode: int = 0o644
     pax: dict[str, str] = field(default_factory=dict)
+    link: str = "workspace/a"
 
 
 _KINDS = {
@@ -71,7 +73,7 @@ def build_tar(entries: list[E], fmt: int = tarfile.PAX_FORMAT) -> bytes:
             info.mtime = 1_700_000_000
             info.pax_headers = dict(e.pax)
             if e.kind in ("symlink", "hardlink"):
-                info.linkname = "/etc/shadow" if e.kind == "symlink" else "workspace/a"
+                info.linkname = "/etc/shadow" if e.kind == "symlink" else e.link
             if e.kind in ("chr", "blk"):
                 info.devmajor, info.devminor = 1, 3
             has_data = e.kind in ("file", "other")
@@ -138,9 +140,50 @@ CASES = [
     (
         "hardlink",
         [W, E("workspace/a"), E("workspace/hl", "hardlink")],
-        ["workspace", "workspace/a"],
-        {"workspace/hl": "hard link"},
+        ["workspace", "workspace/a", "workspace/hl"],
         {},
+        {},
+    ),
+    (
+        "hardlink-before-target",
+        [W, E("workspace/hl", "hardlink"), E("workspace/a")],
+        ["workspace", "workspace/a", "workspace/hl"],
+        {},
+        {},
+    ),
+    (
+        "hardlink-escapes",
+        [
+            W,
+            E("workspace/a"),
+            E("workspace/abs", "hardlink", link="/etc/shadow"),
+            E("workspace/up", "hardlink", link="workspace/../../etc/shadow"),
+            E("workspace/dot", "hardlink", link=".bashrc"),
+            E("workspace/dir", "hardlink", link="workspace"),
+            E("workspace/sym", "symlink"),
+            E("workspace/tosym", "hardlink", link="workspace/sym"),
+            E("workspace/never", "hardlink", link="workspace/missing"),
+            E(".ssh/k", "hardlink", link="workspace/a"),
+        ],
+        ["workspace", "workspace/a"],
+        {
+            "workspace/abs": "hard link target: absolute path",
+            "workspace/up": "hard link target: '..' component",
+            "workspace/dot": "hard link target: outside allowed dirs",
+            "workspace/dir": "hard link to a directory",
+            "workspace/sym": "symlink",
+            "workspace/tosym": "hard link target not kept",
+            "workspace/never": "hard link target not kept",
+            ".ssh/k": "outside allowed dirs",
+        },
+        {},
+    ),
+    (
+        "hardlink-size-cap",
+        [W, E("workspace/a", data=b"a" * 600), E("workspace/hl", "hardlink")],
+        ["workspace", "workspace/a"],
+        {"workspace/hl": "size cap"},
+        {"limits": Limits(max_total_bytes=1000)},
     ),
     (
         "devices",
@@ -356,7 +399,13 @@ def test_headers_rebuilt_not_copied() -> None:
     assert (f.uid, f.gid, f.uname, f.gname, f.mtime) == (1234, 5678, "", "", 1_700_000_000)
 
 
-@pytest.mark.parametrize("field_name", ["max_total_bytes", "max_members", "max_name_len"])
+@pytest.mark.parametrize(
+    "field_name",
+    [
+        "max_total_bytes", "max_members", "max_name_len", "max_seconds", "read_margin",
+        "max_pax_records", "max_ext_headers", "max_ext_bytes",
+    ],
+)  # fmt: skip
 def test_limits_must_be_positive(field_name: str) -> None:
     with pytest.raises(ValueError, match=field_name):
         Limits(**{field_name: 0})
@@ -370,11 +419,11 @@ def test_custom_allowed_dirs() -> None:
         run_clean(data, allowed_dirs=("a/b",))
 
 
-@pytest.mark.parametrize("chunking", ["bytes-1", "bytes-7-with-empties", "one-chunk", "gzip"])
+@pytest.mark.parametrize("chunking", ["bytes-1", "bytes-7-with-empties", "one-chunk"])
 def test_chunk_sources_match_file_source(chunking: str) -> None:
     data = build_tar([W, E("workspace/a", data=os.urandom(5000)), E(LONG), E(".bashrc")])
     expected = run_clean(data)[1]
-    raw = gzip.compress(data) if chunking == "gzip" else data
+    raw = data
     if chunking == "bytes-1":
         chunks: list[bytes] = [raw[i : i + 1] for i in range(len(raw))]
     elif chunking == "bytes-7-with-empties":
@@ -704,3 +753,342 @@ def test_list_and_clear(tmp_path: Path) -> None:
 def test_default_state_dir(tmp_path: Path) -> None:
     assert default_state_dir(tmp_path) == tmp_path / "agentbox" / "state"
     assert ALLOWED_DIRS == ("workspace", "data", "output", "state")
+
+
+# ---------------------------------------------------------------- crafted archives
+# Each refusal is proven by what was read (a counting source), never by wall time.
+
+
+class Counting(io.RawIOBase):
+    """A source over ``data`` counting the bytes handed out; ``seekable`` on demand."""
+
+    def __init__(self, data: bytes, *, seekable: bool) -> None:
+        super().__init__()
+        self._buf, self._seekable, self.read_bytes = io.BytesIO(data), seekable, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._seekable
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if not self._seekable:
+            raise io.UnsupportedOperation("seek")
+        return self._buf.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._buf.tell()
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = self._buf.readinto(b)
+        self.read_bytes += n
+        return n
+
+
+class Endless:
+    """An engine-like stream: ``head``, then zeros without end; counts and records close."""
+
+    def __init__(self, head: bytes, chunk: int = 1 << 20) -> None:
+        self.head, self.zeros, self.pulled, self.closed = head, bytes(chunk), 0, False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._gen()
+
+    def _gen(self) -> Iterator[bytes]:
+        try:
+            self.pulled += len(self.head)
+            yield self.head
+            while True:
+                self.pulled += len(self.zeros)
+                yield self.zeros
+        finally:
+            self.closed = True
+
+
+def _header(name: str, size: int, *, kind: bytes = tarfile.REGTYPE, **pax: str) -> bytes:
+    """One header as a writer declaring ``size`` would emit it, with no data after."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.pax_headers = kind, size, dict(pax)
+    return info.tobuf(tarfile.PAX_FORMAT)
+
+
+def _pax_block(records: bytes) -> bytes:
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, len(records)
+    return info.tobuf(tarfile.USTAR_FORMAT) + records + bytes(-len(records) % 512)
+
+
+PAX_HUGE = 10**14
+HUGE_TAR = _header("workspace", 0, kind=tarfile.DIRTYPE) + _header("workspace/big", PAX_HUGE)
+
+
+def test_pax_size_1e14_file_is_refused_without_reading_through() -> None:
+    assert len(HUGE_TAR) <= 2048  # the 1.5 KB crafted store file of the issue
+    src = Counting(HUGE_TAR + b"x" * 512, seekable=True)
+    with pytest.raises(StateError, match=r"declares 100\.0 TB, past the end of the file"):
+        clean_tar(src, io.BytesIO())
+    assert src.read_bytes <= len(HUGE_TAR) + 512
+
+
+@pytest.mark.parametrize("kind", ["kept-dir", "dropped-name"])
+def test_pax_size_1e14_stream_is_abandoned_at_its_header(kind: str) -> None:
+    name = "workspace/big" if kind == "kept-dir" else ".bashrc"
+    head = _header("workspace", 0, kind=tarfile.DIRTYPE) + _header(name, PAX_HUGE)
+    stream = Endless(head)
+    with pytest.raises(ArchiveRefused, match=r"declares 100\.0 TB, more than the state") as info:
+        clean_tar(iter(stream), io.BytesIO())
+    assert info.value.closed_unread and "the rest was not read" in str(info.value)
+    assert stream.pulled <= len(head) + (1 << 20)  # at most one chunk past the header
+    assert stream.closed
+
+
+def test_restore_from_crafted_file_on_disk_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "crafted.tar"
+    path.write_bytes(HUGE_TAR)
+    with path.open("rb") as fh, pytest.raises(StateError, match="past the end of the file"):
+        clean_tar(fh, io.BytesIO())
+        assert fh.tell() <= len(HUGE_TAR)
+
+
+def _bomb(kind: str) -> bytes:
+    """A compressed tar of one member declaring 64 MiB of zeros (compressed lazily)."""
+    import bz2
+    import lzma
+    import zlib
+
+    comp: Any = {
+        "gzip": lambda: zlib.compressobj(1, zlib.DEFLATED, 31),
+        "bz2": lambda: bz2.BZ2Compressor(1),
+        "xz": lambda: lzma.LZMACompressor(preset=0),
+    }[kind]()
+    size, chunk = 64 * MB, bytes(MB)
+    out = [comp.compress(_header("workspace/z", size))]
+    out += [comp.compress(chunk) for _ in range(size // MB)]
+    out += [comp.compress(bytes(1024)), comp.flush()]
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("kind", ["gzip", "bz2", "xz"])
+@pytest.mark.parametrize("seekable", [True, False], ids=["file", "stream"])
+def test_compressed_store_files_are_refused_by_magic(kind: str, seekable: bool) -> None:
+    data = _bomb(kind)
+    src = Counting(data, seekable=seekable)
+    with pytest.raises(StateError, match=f"{'bzip2' if kind == 'bz2' else kind}-compressed"):
+        clean_tar(src, io.BytesIO())
+    assert src.read_bytes <= 64 * 1024  # one header block (plus a buffered read)
+
+
+def test_100k_pax_headers_before_one_member_are_refused_after_a_few() -> None:
+    one = _pax_block(b"16 comment=abcd\n")
+    data = one * 100_000 + _header("workspace/f", 0) + bytes(1024)
+    src = Counting(data, seekable=False)
+    with pytest.raises(ArchiveRefused, match="more than 8 extended headers before one member"):
+        clean_tar(src, io.BytesIO())
+    assert src.read_bytes <= 64 * 1024 + 10 * len(one)
+
+
+def test_100k_pax_records_in_one_header_drop_that_member_only() -> None:
+    # 100k records = 1.3 MB: over the per-header cap (a seek on a file, a read within the
+    # budget on a stream). 5000 records fit the cap but not the record count.
+    many = _pax_block(b"13 comment=x\n" * 100_000) + _header("workspace/a", 0)
+    some = _pax_block(b"13 comment=x\n" * 5_000) + _header("workspace/b", 0)
+    data = build_tar([W])[:512] + many + some + _header("workspace/ok", 0) + bytes(1024)
+    for seekable in (True, False):
+        src = Counting(data, seekable=seekable)
+        report = clean_tar(src, io.BytesIO())
+        assert report.kept == ["workspace", "workspace/ok"]
+        assert report.dropped == [
+            ("workspace/a", "oversized extended header"),
+            ("workspace/b", "too many pax records"),
+        ]
+        assert src.read_bytes <= len(data) + 64 * 1024
+
+
+def test_pathological_pax_record_is_refused_linearly() -> None:
+    # What makes 3.11's tarfile regex quadratic: long runs with no '=' or a bad length.
+    for records in (b"9" * 60_000 + b"\n", b"60000 " + b"a" * 59_990 + b"\n", b"5 a\n"):
+        data = _pax_block(records) + _header("workspace/f", 0) + bytes(1024)
+        with pytest.raises(StateError, match="malformed pax record"):
+            clean_tar(io.BytesIO(data), io.BytesIO())
+
+
+def test_extended_headers_are_bounded_per_snapshot() -> None:
+    limits = Limits(max_ext_headers=100)
+    entries = [W] + [E(f"workspace/{'n' * 120}{i}") for i in range(150)]  # pax path each
+    with pytest.raises(ArchiveRefused, match="more than 100 extended headers"):
+        run_clean(build_tar(entries), limits=limits)
+    with pytest.raises(ArchiveRefused, match="extended headers over"):
+        run_clean(build_tar(entries), limits=Limits(max_ext_bytes=20_000))
+    assert len(run_clean(build_tar(entries))[0].kept) == 151
+
+
+def test_huge_extended_header_on_a_stream_is_abandoned() -> None:
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, PAX_HUGE
+    stream = Endless(build_tar([W])[:512] + info.tobuf(tarfile.GNU_FORMAT))
+    with pytest.raises(ArchiveRefused, match=r"an extended header declares 100\.0 TB"):
+        clean_tar(iter(stream), io.BytesIO())
+    assert stream.pulled <= 2 * MB and stream.closed
+
+
+def test_stream_reads_at_most_the_cap_plus_the_margin() -> None:
+    # Each duplicate fits the cap alone, so it is read past, until the budget is spent.
+    limits = Limits(max_total_bytes=100_000, read_margin=200_000)
+    entries = [W, E("workspace/a", data=b"a" * 90_000)]
+    entries += [E("workspace/a", data=b"d" * 90_000) for _ in range(20)]
+    data = build_tar(entries)
+    src = Counting(data, seekable=False)
+    with pytest.raises(ArchiveRefused, match=r"would read more than 300\.0 KB"):
+        clean_tar(src, io.BytesIO(), limits=limits)
+    assert src.read_bytes <= limits.max_read_bytes + 64 * 1024
+    # The same archive from a file is passed over by seeking: no budget is spent on it.
+    report, _ = run_clean(data, limits=limits)
+    assert report.kept == ["workspace", "workspace/a"]
+    assert report.bytes_read < 200_000
+
+
+def test_member_over_the_cap_on_a_stream_refuses_the_snapshot(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.save_from("s", [_src(W, E("workspace/old", data=b"old"))])
+    path = store.load("s")
+    assert path is not None
+    before = path.read_bytes()
+    stream = Endless(
+        _header("workspace", 0, kind=tarfile.DIRTYPE) + _header("workspace/x", 1 << 44)
+    )
+    with pytest.raises(ArchiveRefused, match=r"declares 17\.6 TB"):
+        store.save_from(
+            "s", [_src(E("data", "dir")), iter(stream)], limits=Limits(max_total_bytes=MB)
+        )
+    assert stream.closed and stream.pulled <= 2 * MB
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_slow_stream_is_abandoned_at_max_seconds() -> None:
+    pulled = []
+
+    def trickle() -> Iterator[bytes]:
+        yield build_tar([W])[:512] + _header("workspace/slow", 10 * MB)
+        while True:
+            time.sleep(0.05)
+            pulled.append(1)
+            yield b"z" * 512
+
+    with pytest.raises(ArchiveRefused, match=r"took longer than 0\.3 s \(max_seconds\)"):
+        clean_tar(trickle(), io.BytesIO(), limits=Limits(max_seconds=0.3))
+    assert len(pulled) < 1000  # stopped long before the declared 10 MB
+
+
+class _BlockingArchive(io.RawIOBase):
+    """An engine stream that sends one header, then blocks until aborted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._head = _header("workspace", 0, kind=tarfile.DIRTYPE)
+        self._unblock = __import__("threading").Event()
+        self.aborted = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._head:
+            n, self._head = len(self._head), b""
+            b[:n] = _header("workspace", 0, kind=tarfile.DIRTYPE)
+            return n
+        self._unblock.wait(60)
+        raise OSError("connection shut down")
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._unblock.set()
+
+
+def test_snapshot_watchdog_aborts_a_blocked_engine_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_agentbox import state
+
+    opened: list[_BlockingArchive] = []
+
+    def opener(container: object, path: str) -> _BlockingArchive | None:
+        if not path.endswith("/workspace"):
+            return None
+        opened.append(_BlockingArchive())
+        return opened[-1]
+
+    monkeypatch.setattr(state, "open_engine_archive", opener)
+    store = StateStore(tmp_path)
+    store.save_from("s", [_src(W, E("workspace/old"))])
+    before = store.load("s").read_bytes()  # type: ignore[union-attr]
+    with pytest.raises(ArchiveRefused, match=r"took longer than 0\.5 s"):
+        state.snapshot_container(
+            object(), "/home/agent", store, "s", limits=Limits(max_seconds=0.5)
+        )
+    assert [a.aborted for a in opened] == [True]
+    assert store.load("s").read_bytes() == before  # type: ignore[union-attr]
+
+
+def test_hard_links_survive_the_store_in_both_orders(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    body = os.urandom(300_000)
+    report = store.save_from(
+        "s",
+        [
+            _src(W, E("workspace/hl", "hardlink", link="workspace/a"), E("workspace/a", data=body)),
+            _src(
+                E("data", "dir"),
+                E("data/x", data=b"X"),
+                E("data/y", "hardlink", link="data/x"),
+                E("data/z", "hardlink", link="data/y"),
+            ),
+        ],
+    )
+    assert report.dropped == []
+    path = store.load("s")
+    assert path is not None
+    with tarfile.open(path) as tar:
+        got = {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}  # type: ignore[union-attr]
+        assert all(m.isreg() or m.isdir() for m in tar.getmembers())
+    assert got == {"workspace/a": body, "workspace/hl": body, "data/x": b"X", "data/y": b"X",
+                   "data/z": b"X"}  # fmt: skip
+    assert report.total_bytes == 2 * len(body) + 3
+    # The stored file restores cleanly: it holds no link members.
+    out = io.BytesIO()
+    with path.open("rb") as fh:
+        again = clean_tar(fh, out)
+    assert sorted(again.kept) == sorted(report.kept) and again.dropped == []
+
+
+def test_hard_link_without_a_readable_output_is_dropped() -> None:
+    class WriteOnly(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: bytes) -> int:  # type: ignore[override]
+            return len(b)
+
+    report = clean_tar(
+        io.BytesIO(build_tar([W, E("workspace/a"), E("workspace/hl", "hardlink")])), WriteOnly()
+    )
+    assert report.dropped == [("workspace/hl", "hard link target cannot be re-read")]
+
+
+def test_safe_extract_copies_hard_links(tmp_path: Path) -> None:
+    data = build_tar([W, E("workspace/hl", "hardlink"), E("workspace/a", data=b"AA", mode=0o600)])
+    report = safe_extract(io.BytesIO(data), tmp_path / "d")
+    assert sorted(report.kept) == ["workspace", "workspace/a", "workspace/hl"]
+    a, hl = tmp_path / "d/workspace/a", tmp_path / "d/workspace/hl"
+    assert a.read_bytes() == hl.read_bytes() == b"AA"
+    assert a.stat().st_ino != hl.stat().st_ino and hl.stat().st_mode & 0o777 == 0o644
+
+
+def test_list_skips_crafted_store_files(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.save_from("good", [_src(W, E("workspace/a"))])
+    for name, data in (("huge", HUGE_TAR), ("bz2", _bomb("bz2"))):
+        (tmp_path / f"{name}.tar").write_bytes(data)
+        (tmp_path / f"{name}.tar.scope").write_text(name)
+    assert [i.scope for i in store.list()] == ["good"]
