@@ -5,17 +5,26 @@ domains (through the key proxy), and -- only when a ``setup_command`` exists -- 
 package registries the user's own pip and npm configuration point at. The GitHub
 codeload host is never auto-allowed (seed 0.2.0: "Package registry allowlist
 tightened"). Enforcement lives in :mod:`pytest_agentbox.egressproxy`; this module is
-pure (no Docker, no network) so it can be tested as a table.
+pure (no Docker, no network) so it can be tested as a table, except
+:func:`engine_private_nets`, which asks the engine which networks it holds.
+
+After DNS the proxy refuses every non-public address (``egressproxy.address_class``, the
+one rule) and the engine's own networks and addresses. A declared domain with
+``private: true`` may resolve to RFC 1918, 100.64/10 and ULA addresses -- never to
+loopback, link-local, metadata, other special ranges or the engine's own networks.
 """
 
 from __future__ import annotations
 
 import configparser
+import ipaddress
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from pytest_agentbox import egressproxy
@@ -39,6 +48,8 @@ class EgressPolicy:
 
     ``ignored`` holds human-readable notes on configured registries that were left out
     (IP literals, non-FQDNs, codeload), so the report can explain a failing install.
+    ``private_domains``: declared domains (``private: true``) that may resolve to private
+    addresses (the egress proxy's ``private_ok``).
     """
 
     unrestricted: bool
@@ -46,10 +57,17 @@ class EgressPolicy:
     key_domains: tuple[str, ...]
     registries: tuple[str, ...]
     ignored: tuple[str, ...] = ()
+    private_domains: tuple[str, ...] = ()
 
     def allowlist(self) -> tuple[str, ...]:
         """Sorted union of declared, key and registry hosts; codeload is never in it."""
         hosts = {*self.domains, *self.key_domains, *self.registries} - NEVER_AUTO_ALLOW
+        return tuple(sorted(hosts))
+
+    def agent_allowlist(self) -> tuple[str, ...]:
+        """What the agent itself may reach: the allowlist without the key domains, which
+        only the key proxy (in the sidecar) talks to; a declared domain stays."""
+        hosts = {*self.domains, *self.registries} - NEVER_AUTO_ALLOW
         return tuple(sorted(hosts))
 
     def denylist(self) -> tuple[str, ...]:
@@ -89,6 +107,15 @@ class EgressPolicy:
                 if hosts:
                     lines.append(f"  {label + ':':<12}{', '.join(hosts)}")
             lines.append("  IP addresses are always refused (only host names are allowed).")
+            lines.append(
+                "  private addresses are refused after DNS (RFC 1918, 100.64/10, ULA, "
+                "loopback, link-local, metadata, other special ranges, the engine's networks)"
+            )
+            if self.private_domains:
+                lines.append(
+                    f"  PRIVATE OK:  {', '.join(self.private_domains)} (may resolve to RFC 1918, "
+                    "100.64/10 and ULA addresses; manifest private: true)"
+                )
             lines.append(f"  never allowed: {', '.join(self.denylist())}")
         lines += [f"  ignored: {note}" for note in self.ignored]
         return "\n".join(lines)
@@ -123,19 +150,90 @@ def compute_policy(
     env: Mapping[str, str] | None = None,
     home: Path | None = None,
     root: Path = Path("/"),
+    private: Sequence[str] = (),
 ) -> EgressPolicy:
     """The policy of one sandbox; registries only when a ``setup_command`` exists.
 
-    Raises :class:`ManifestError` when a declared or key domain is not a valid name.
+    ``private``: declared domains opted in to private addresses (``private: true``).
+    Raises :class:`ManifestError` when a declared or key domain is not a valid name, or a
+    private one is not declared.
     """
     domains = _normalized(declared, allow_wildcard=True)
+    private_domains = _normalized(private, allow_wildcard=True)
+    if set(private_domains) - set(domains):
+        missing = ", ".join(sorted(set(private_domains) - set(domains)))
+        raise ManifestError(f"network domain: {missing} is private but not declared")
     keys = _normalized(key_domains, allow_wildcard=False)
     registries: tuple[str, ...] = ()
     ignored = [f"{d} (declared, but never allowed)" for d in domains if d in NEVER_AUTO_ALLOW]
     if has_setup_command:
         registries, notes = _scan_registries(env, home, root)
         ignored += notes
-    return EgressPolicy(unrestricted, domains, keys, registries, tuple(ignored))
+    return EgressPolicy(unrestricted, domains, keys, registries, tuple(ignored), private_domains)
+
+
+def engine_private_nets(client: Any, *, host_image: str | None = None) -> list[str]:
+    """The engine's own ranges, for the egress proxy's ``refuse_nets``: every subnet and
+    gateway of every network it knows (bridges, user networks, other tests' internal
+    networks) and, with ``host_image``, every address of the engine host itself (read in a
+    throwaway container in the host's network namespace, so a remote engine works too).
+
+    A network made later is not in it, but a sidecar's view is taken when it starts.
+    """
+    nets: set[str] = set()
+    for network in client.networks.list():
+        for cfg in (network.attrs.get("IPAM") or {}).get("Config") or []:
+            for key in ("Subnet", "Gateway", "IPRange"):
+                if cfg.get(key):
+                    nets.add(str(ipaddress.ip_network(cfg[key], strict=False)))
+    if host_image is not None:
+        nets.update(
+            f"{ip}/{32 if '.' in ip else 128}" for ip in engine_host_addresses(client, host_image)
+        )
+    return sorted(nets)
+
+
+def engine_host_addresses(client: Any, image: str) -> list[str]:
+    """Every local address of the engine host (IPv4 from /proc/net/fib_trie, IPv6 from
+    /proc/net/if_inet6), read by ``cat`` in a container on the host's network."""
+    out = client.containers.run(
+        image, ["cat", "/proc/net/fib_trie", "/proc/net/if_inet6"], network_mode="host",
+        cap_drop=["ALL"], security_opt=["no-new-privileges"], user="65534", remove=True,
+        labels={"agentbox.role": "host-addresses"},
+    )  # fmt: skip
+    return parse_host_addresses(out.decode(errors="replace"))
+
+
+def parse_host_addresses(text: str) -> list[str]:
+    """Local addresses in fib_trie (``|-- A`` then ``/32 host LOCAL``) and if_inet6 text."""
+    found, last = set(), ""
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "|--":
+            last = words[1]
+        elif line.strip().startswith("/32 host LOCAL") and last:
+            found.add(str(ipaddress.ip_address(last)))
+        elif len(words) == 6 and len(words[0]) == 32:
+            found.add(str(ipaddress.IPv6Address(int(words[0], 16))))
+    return sorted(found)
+
+
+def open_tunnels(decisions: str) -> list[dict[str, Any]]:
+    """Allowed connections of a decision log that have no close line yet (for the report
+    at teardown: tunnels still open)."""
+    opened: dict[Any, dict[str, Any]] = {}
+    for line in decisions.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        if rec.get("event") == "connect" and rec.get("decision") == "allow":
+            opened[rec.get("id")] = rec
+        elif rec.get("event") == "close":
+            opened.pop(rec.get("id"), None)
+    return list(opened.values())
 
 
 def _normalized(values: Iterable[str], *, allow_wildcard: bool) -> tuple[str, ...]:

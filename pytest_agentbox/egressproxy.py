@@ -5,12 +5,20 @@ network "none") relays 127.0.0.1:PORT to serve's Unix socket. Both read one JSON
 line on stdin and print one JSON ready line. Security properties of ``serve``:
 - Decided on the name before any DNS lookup or connection: IP literals in any form,
   non-FQDNs, unlisted ports, deny-listed and unlisted names get 403, never a connection.
-- All resolved addresses are checked (loopback, link-local, unspecified, multicast,
-  0.0.0.0/8, reserved, metadata, also v4-mapped/NAT64) and only those are dialled.
-- One JSON log line per decision (tunnels when closed, with byte counts).
-- Strict byte-level heads: CRLF only, no controls, 16 KiB, 30 s. Plain HTTP: Host from
-  the URL, hop-by-hop headers dropped, no bodies, no pipelining. Bounded threads;
-  tunnels idle out after 300 s. Limit: TLS SNI inside a tunnel is not seen.
+  Each listener has its own allowlist (the agent's; the key proxy's own way out).
+- Every DNS answer is judged by ``address_class``, the one rule (every non-public class,
+  also inside mapped/compatible/NAT64/6to4 forms, and the engine's ``refuse_nets``); one
+  bad answer refuses the name. ``private_ok`` names may reach rfc1918/100.64/ULA only.
+  ``pins``: exact name -> address from the harness (no DNS, no class check; allowlisted).
+- A JSON line when each decision is made, one when a tunnel closes (bytes, ms); at
+  ``log_max_bytes`` one "log truncated" line ends the log.
+- Strict heads: CRLF only, no controls, 16 KiB, 30 s. Plain HTTP: Host from the URL,
+  hop-by-hop headers dropped, no bodies, no pipelining. One thread per connection, at
+  most ``max_conns`` per listener, past it 503 at once; no connection's error ends the
+  process. Tunnels idle out after 300 s. Limit: TLS SNI inside a tunnel is not seen.
+Config: {"listeners": [{"name", "unix": path, "mode"} or {"name", "tcp": [host, port]},
+with "allow", "deny", "max_conns"?], "ports", "pins", "private_ok", "refuse_nets",
+"log_path", "log_max_bytes", "max_conns"}. Ready: {"ready": true, "tcp_ports": {name: port}}.
 """
 
 from __future__ import annotations
@@ -18,19 +26,52 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import itertools
 import json
 import os
 import re
+import select
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 HEAD_MAX, HEAD_TIMEOUT, TUNNEL_IDLE, POLL = 16 * 1024, 30.0, 300.0, 60.0
 BUF, CONNECT_TIMEOUT, SLOTS = 64 * 1024, 10.0, threading.BoundedSemaphore(256)
-METADATA = frozenset({"169.254.169.254", "fd00:ec2::254"})
-NAT64, THIS_NET = ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("0.0.0.0/8")
+LOG_MAX, _IDS = 8 * 1024 * 1024, itertools.count(1)
+# Cloud metadata/credential endpoints (AWS, ECS, EKS, GCP, Azure incl. its public
+# WireServer, Alibaba, Oracle, Tencent): named apart so a refusal says what was at stake.
+METADATA = frozenset(["169.254.169.254", "fd00:ec2::254", "169.254.170.2", "169.254.170.23",
+                      "fd00:ec2::23", "100.100.100.200", "192.0.0.192", "168.63.129.16",
+                      "169.254.0.23"])  # fmt: skip
+_CLASSES = [(line.split()[0], [ipaddress.ip_network(n) for n in line.split()[1:]]) for line in """
+unspecified 0.0.0.0/32 ::/128
+this-network 0.0.0.0/8
+loopback 127.0.0.0/8 ::1/128
+rfc1918 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16
+shared-100.64 100.64.0.0/10
+link-local 169.254.0.0/16 fe80::/10
+ietf-protocol 192.0.0.0/24 2001::/23
+benchmarking 198.18.0.0/15
+documentation 192.0.2.0/24 198.51.100.0/24 203.0.113.0/24 2001:db8::/32 3fff::/20
+multicast 224.0.0.0/4 ff00::/8
+broadcast 255.255.255.255/32
+reserved 240.0.0.0/4 100::/64
+ula fc00::/7
+site-local fec0::/10""".splitlines()[1:]]  # fmt: skip
+# IPv6 forms carrying an IPv4 address: (range, bits right of it, class when it is public).
+_WRAPS = [(ipaddress.ip_network(net), shift, outer) for net, shift, outer in (
+    ("::ffff:0:0/96", 0, None),  # mapped: the kernel dials the IPv4 address itself
+    ("::ffff:0:0:0/96", 0, "reserved"),  # SIIT-translated
+    ("64:ff9b::/96", 0, None),  # NAT64 well-known prefix: DNS64's answer for a public host
+    ("64:ff9b:1::/48", 0, "nat64-local"),  # local-use NAT64: a local network, always refused
+    ("2002::/16", 80, None),  # 6to4
+    ("::/96", 0, "ipv4-compatible"),  # deprecated: nothing legitimate resolves to it
+)]  # fmt: skip
+GLOBAL6 = ipaddress.ip_network("2000::/3")
+PRIVATE_OK = frozenset({"rfc1918", "shared-100.64", "ula"})  # the most private_ok opens
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _NUMERIC = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)\Z")
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) ([\x21-\x7e]{1,8000}) HTTP/1\.[01]\Z")
@@ -83,17 +124,31 @@ def host_allowed(host: str, allow: Sequence[str], deny: Sequence[str] = ()) -> t
     return False, "host not in allowlist"
 
 
-def address_refused(ip: str) -> str | None:
-    """Why a resolved address must not be contacted, or None when it may be."""
-    a = ipaddress.ip_address(ip.split("%", 1)[0])
-    if a.version == 6 and (a.ipv4_mapped or a in NAT64):  # judge the IPv4 address inside
-        a = ipaddress.IPv4Address(int(a) & 0xFFFFFFFF)
-    bad = {"metadata": str(a) in METADATA, "loopback": a.is_loopback}
-    bad.update({"link-local": a.is_link_local, "unspecified": a.is_unspecified})
-    bad.update(
-        multicast=a.is_multicast, reserved=a.version == 4 and (a in THIS_NET or a.is_reserved)
-    )
-    return next((f"{name} address" for name, hit in bad.items() if hit), None)
+def address_class(ip: str, extra: Sequence = ()) -> str | None:
+    """The class of a non-public address ("rfc1918", "metadata", ...), None if public.
+
+    The one rule, shared with the host. ``extra``: ip_network objects of the engine's own
+    networks and addresses, class "engine-network" (checked first: private_ok never opens
+    them). An embedded IPv4 address is judged by this same function.
+    """
+    try:
+        a = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return "invalid"
+    if str(a) in METADATA:
+        return "metadata"
+    if any(a in net for net in extra):
+        return "engine-network"
+    if a.version == 6 and int(a) > 1:  # :: and ::1 are themselves, not IPv4-compatible
+        for net, shift, outer in _WRAPS:
+            if a in net:
+                inner = ipaddress.IPv4Address(int(a) >> shift & 0xFFFFFFFF)
+                return address_class(str(inner), extra) or outer
+    for name, nets in _CLASSES:
+        if any(a in net for net in nets):
+            return name
+    # Outside global unicast, or anything else the stdlib knows to be non-global.
+    return "reserved" if (a.version == 6 and a not in GLOBAL6) or not a.is_global else None
 
 
 class Refused(Exception):
@@ -149,79 +204,128 @@ def parse_head(head: bytes) -> tuple[str, str, int, bytes, list[tuple[bytes, byt
     return method, host, int(port_s), path, headers
 
 
-def open_upstream(host: str, port: int) -> socket.socket:
-    """Resolve, refuse if any address is forbidden, connect only to checked addresses."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise Refused(502, "DNS resolution failed") from exc
-    for info in infos:
-        reason = address_refused(info[4][0])
-        if reason:
-            raise Refused(403, "resolves to " + reason)
+class Log:
+    """One JSON line per event, flushed at once, at most ``cap`` bytes in all (then one
+    "log truncated" line): no agent can fill the sidecar's disk or memory through it."""
+
+    def __init__(self, path: str | None, cap: int) -> None:
+        self.file = open(path or os.devnull, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        self.left, self.lock = int(cap), threading.Lock()
+
+    def write(self, rec: dict) -> None:
+        line = json.dumps(dict(rec, ts=round(time.time(), 3)), sort_keys=True) + "\n"
+        with self.lock, contextlib.suppress(OSError, ValueError):
+            if 0 < self.left < len(line) + 64:  # ASCII JSON: characters are bytes
+                line = '{"event": "log truncated"}\n'
+                self.left = len(line)  # the last line written
+            if self.left >= len(line):
+                self.file.write(line)
+                self.left -= len(line)
+
+
+def open_upstream(cfg: dict, host: str, port: int, rec: dict) -> socket.socket:
+    """Pinned address, or resolve and refuse if any answer is non-public; then connect."""
+    pin = cfg["pins"].get(host)
+    if pin:  # set by the harness for its own fakes: no DNS, no class check
+        family = socket.AF_INET6 if ":" in pin else socket.AF_INET
+        infos = [(family, socket.SOCK_STREAM, 0, "", (pin, port))]
+        rec.update(pinned=True, address=pin)
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise Refused(502, "DNS resolution failed") from exc
+        private_ok = host_allowed(host, cfg["private_ok"])[0]
+        for info in infos:
+            rec.update({"address": info[4][0], "class": address_class(info[4][0], cfg["nets"])})
+            if rec["class"] and not (private_ok and rec["class"] in PRIVATE_OK):
+                raise Refused(403, f"resolves to {rec['class']} address")
     for family, kind, proto, _, addr in infos:
         sock = socket.socket(family, kind, proto)
         try:
             sock.settimeout(CONNECT_TIMEOUT)
             sock.connect(addr)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            rec.update({"address": addr[0], "class": address_class(addr[0], cfg["nets"])})
             return sock
         except OSError:
             sock.close()
     raise Refused(502, "upstream connect failed")
 
 
-def pump(src: socket.socket, dst: socket.socket, counter: list, idx: int, seen: list) -> None:
-    """Copy src to dst with a 64 KiB buffer until EOF, then pass the half-close on."""
-    view = memoryview(bytearray(BUF))
-    for s in (src, dst):  # one value: a socket's timeout is shared by both directions
-        s.settimeout(POLL)
-    try:
-        while True:
-            try:
-                n = src.recv_into(view)
-            except socket.timeout:  # noqa: UP041 -- not TimeoutError on Python 3.9
-                if time.monotonic() - seen[0] < TUNNEL_IDLE:
-                    continue  # the other direction is still busy
-                raise
-            if not n:
-                dst.shutdown(socket.SHUT_WR)
-                return
-            dst.sendall(view[:n])
-            counter[idx] += n
-            seen[0] = time.monotonic()
-    except OSError:
-        for s in (src, dst):  # unblock the other direction too
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+def pump(src: socket.socket, dst: socket.socket, counter: list, idx: int) -> None:
+    """Copy src to dst until EOF (one direction: the plain-HTTP response)."""
+    for s in (src, dst):
+        s.settimeout(TUNNEL_IDLE)
+    while True:
+        data = src.recv(BUF)
+        if not data:
+            return
+        dst.sendall(data)
+        counter[idx] += len(data)
 
 
 def relay(a: socket.socket, b: socket.socket, counter: list) -> None:
-    """Relay both directions (a->b counted at 0, b->a at 1), then close both."""
-    seen = [time.monotonic()]
-    up = threading.Thread(target=pump, args=(a, b, counter, 0, seen), daemon=True)
-    up.start()
-    pump(b, a, counter, 1, seen)
-    up.join()
-    a.close()
-    b.close()
+    """Relay both ways (a->b counted at 0, b->a at 1) in this one thread, then close both.
 
-
-def serve_one(cfg: dict, lock: threading.Lock, conn: socket.socket) -> None:
-    """Decide and log one request, then tunnel (CONNECT) or forward (GET/HEAD) it."""
-    start, counter = time.monotonic(), [0, 0]
-    rec = {"method": "", "host": "", "port": 0, "decision": "deny", "reason": ""}
+    One thread, not two: threads are pids, and the sidecar's are capped. Non-blocking,
+    each direction holding at most one read (sent before the next read), so neither waits
+    on the other; EOF is passed on (half-close) once.
+    """
+    dirs, seen = [[a, b, b"", False, 0], [b, a, b"", False, 1]], time.monotonic()
     try:
+        a.setblocking(False)
+        b.setblocking(False)
+        while not (dirs[0][3] and dirs[1][3]):  # EOF only ever comes with nothing pending
+            poller, want = select.poll(), {}
+            for src, dst, pending, eof, _ in dirs:  # a send waits for dst, a recv for src
+                fd, bit = (dst.fileno(), select.POLLOUT) if pending else (src.fileno(), 0)
+                want[fd] = want.get(fd, 0) | (bit or (0 if eof else select.POLLIN))
+            for fd, bits in want.items():
+                poller.register(fd, bits)  # bits 0: only hang-up/error, which end it anyway
+            if not poller.poll(POLL * 1000) and time.monotonic() - seen > TUNNEL_IDLE:
+                return
+            seen = time.monotonic()
+            for d in dirs:  # just try both: a socket not ready says BlockingIOError
+                src, dst, pending, eof, idx = d
+                with contextlib.suppress(BlockingIOError):
+                    if pending:
+                        n = dst.send(pending)
+                        d[2], counter[idx] = pending[n:], counter[idx] + n
+                    elif not eof:
+                        d[2] = src.recv(BUF)
+                        if not d[2]:
+                            d[3] = True
+                            dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # reset, broken pipe: the tunnel is over either way
+    finally:
+        a.close()
+        b.close()
+
+
+def serve_one(cfg: dict, log: Log, lsn: dict, conn: socket.socket) -> None:
+    """Decide and log one request, then tunnel (CONNECT) or forward (GET/HEAD) it."""
+    start, counter, opened = time.monotonic(), [0, 0], False
+    rec = {"event": "connect", "id": next(_IDS), "listener": lsn["name"], "method": "",
+           "host": "", "port": 0, "decision": "deny", "reason": "", "address": None,
+           "class": None, "pinned": False, "bytes_up": 0, "bytes_down": 0}  # fmt: skip
+    try:
+        if conn.family != socket.AF_UNIX:  # small relayed writes meet delayed ACKs: +40 ms
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         head, rest = read_head(conn)
         method, host, port, path, headers = parse_head(head)
         rec.update(method=method, host=host[:255], port=port)
-        ok, reason = host_allowed(host, cfg.get("allow") or [], cfg.get("deny") or [])
+        ok, reason = host_allowed(host, lsn.get("allow") or [], lsn.get("deny") or [])
         if ok and port not in cfg.get("ports", [80, 443]):
             ok, reason = False, "port not allowed"
         if not ok:
             raise Refused(403, reason)
         host = normalize_host(host)
-        with open_upstream(host, port) as upstream:
-            rec.update(decision="allow", reason=reason)
+        with open_upstream(cfg, host, port, rec) as upstream:
+            rec.update(decision="allow", reason=reason, ms=int((time.monotonic() - start) * 1000))
+            log.write(rec)  # logged when decided: an open tunnel is in the log already
+            opened = True
             if method == "CONNECT":
                 conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 upstream.sendall(rest)
@@ -236,7 +340,7 @@ def serve_one(cfg: dict, lock: threading.Lock, conn: socket.socket) -> None:
             upstream.sendall(request)
             counter[0] += len(request)
             conn.shutdown(socket.SHUT_RD)  # nothing past the one checked request
-            pump(upstream, conn, counter, 1, [time.monotonic()])
+            pump(upstream, conn, counter, 1)
     except Refused as exc:
         (status, reason), word = exc.args, _WORDS.get(exc.args[0], "Refused")
         rec.update(decision="deny", reason=reason)
@@ -248,33 +352,80 @@ def serve_one(cfg: dict, lock: threading.Lock, conn: socket.socket) -> None:
         rec["reason"] = rec["reason"] or f"client error: {type(exc).__name__}"
     finally:
         conn.close()
-        ms = int((time.monotonic() - start) * 1000)
-        rec.update(bytes_up=counter[0], bytes_down=counter[1], ms=ms, ts=round(time.time(), 3))
-        log = cfg.get("log_path") or os.devnull
-        with lock, contextlib.suppress(OSError), open(log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        ms, event = int((time.monotonic() - start) * 1000), "close" if opened else "connect"
+        log.write(dict(rec, bytes_up=counter[0], bytes_down=counter[1], ms=ms, event=event))
 
 
-def run(handler: Callable[[socket.socket], None], conn: socket.socket) -> None:
+def refuse_busy(log: Log, name: str, conn: socket.socket, why: str) -> None:
+    """Past the cap (or no thread to be had): 503 at once, without reading the request."""
+    with contextlib.suppress(OSError), conn:
+        conn.setblocking(False)
+        conn.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(HEAD_MAX)  # what has come of the request: closing on unread data resets
+    log.write({"event": "connect", "id": next(_IDS), "listener": name, "decision": "deny",
+               "reason": why, "host": "", "port": 0, "bytes_up": 0, "bytes_down": 0})  # fmt: skip
+
+
+def run(handler: Callable, conn: socket.socket, slots: Any) -> None:
     try:
-        with contextlib.suppress(OSError):  # a peer gone early is not worth a traceback
-            handler(conn)
+        handler(conn)
+    except Exception:  # noqa: S110 -- one connection's failure is never the proxy's
+        pass
     finally:
-        SLOTS.release()
+        slots.release()
+        conn.close()
 
 
-def accept_loop(listener: socket.socket, handler: Callable[[socket.socket], None]) -> None:
-    """Accept forever; one daemon thread per connection, at most 256 in all."""
+def accept_loop(sock: socket.socket, handler: Callable, slots: Any = SLOTS, busy: Any = None):
+    """Accept forever, one daemon thread per connection, at most ``slots`` at once; past
+    that, or when no thread can start (pids, memory), ``busy`` answers (default: close)."""
     while True:
         try:
-            conn, _ = listener.accept()
+            conn, _ = sock.accept()
         except OSError:
-            time.sleep(0.1)  # e.g. out of file descriptors: back off, keep serving
+            time.sleep(0.1)  # EMFILE/ENFILE, ECONNABORTED: back off, keep serving
             continue
-        if SLOTS.acquire(blocking=False):
-            threading.Thread(target=run, args=(handler, conn), daemon=True).start()
-        else:
-            conn.close()  # overloaded: refuse rather than queue without bound
+        why = "too many connections"
+        if slots.acquire(blocking=False):
+            try:
+                threading.Thread(target=run, args=(handler, conn, slots), daemon=True).start()
+                continue
+            except Exception:  # RuntimeError "can't start new thread"
+                slots.release()
+                why = "no thread for the connection"
+        with contextlib.suppress(Exception):  # not even a failed refusal ends the loop
+            (busy or (lambda c, _: c.close()))(conn, why)
+
+
+def serve(cfg: dict) -> int:
+    """``serve``: check the config, bind every listener, print the ready line, serve."""
+    try:
+        pins = {normalize_host(h): ip for h, ip in (cfg.get("pins") or {}).items()}
+        if not all(valid_fqdn(h) and ipaddress.ip_address(ip) for h, ip in pins.items()):
+            raise ValueError("pins: a name that is no host name")
+        nets = [ipaddress.ip_network(n, strict=False) for n in cfg.get("refuse_nets") or []]
+        cfg = dict(cfg, pins=pins, nets=nets, private_ok=list(cfg.get("private_ok") or []))
+        log, loops, ports = Log(cfg.get("log_path"), cfg.get("log_max_bytes", LOG_MAX)), [], {}
+        names = [str(spec["name"]) for spec in cfg["listeners"]]
+        if not names or len(set(names)) != len(names):
+            raise ValueError("listeners: none, or two with one name")
+        for spec in cfg["listeners"]:
+            name = str(spec["name"])
+            sock = listen(spec.get("tcp") or str(spec["unix"]), int(spec.get("mode", 0o600)))
+            if spec.get("tcp"):
+                ports[name] = sock.getsockname()[1]
+            cap = threading.BoundedSemaphore(int(spec.get("max_conns", cfg.get("max_conns", 256))))
+            busy = functools.partial(refuse_busy, log, name)
+            loops.append((sock, functools.partial(serve_one, cfg, log, spec), cap, busy))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        print(json.dumps({"ready": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        return 1
+    for args in loops[1:]:
+        threading.Thread(target=accept_loop, args=args, daemon=True).start()
+    print(json.dumps({"ready": True, "tcp_ports": ports}), flush=True)
+    accept_loop(*loops[0])
+    return 0
 
 
 def listen(cfg_addr: list | str, mode: int = 0o600) -> socket.socket:
@@ -311,18 +462,19 @@ def main(argv: list[str]) -> int:
     try:
         cfg = json.loads(sys.stdin.readline())
         if mode == "serve":
-            handler = functools.partial(serve_one, cfg, threading.Lock())
-            unix, mode_bits = cfg.get("listen_unix"), int(cfg.get("socket_mode", 0o600))
-            listeners = [listen(str(unix), mode_bits)] if unix else []
-            listeners += [listen(cfg["listen_tcp"])] if cfg.get("listen_tcp") else []
-            if not listeners:
-                raise ValueError("no listen_unix or listen_tcp")
-            port = listeners[-1].getsockname()[1] if cfg.get("listen_tcp") else None
-            ready = {"ready": True, "tcp_port": port}
-        else:
-            listeners, unix_path = [listen(cfg["listen"])], str(cfg["unix"])
-            ready = {"ready": True, "port": listeners[0].getsockname()[1]}
-            handler = functools.partial(forward_one, unix_path)
+            return serve(cfg)
+        else:  # one 127.0.0.1 port per route, each relayed to its Unix socket
+            routes = [(str(r["name"]), str(r["unix"])) for r in cfg["routes"]]
+            pairs = [(listen([cfg.get("host", "127.0.0.1"), 0]), path) for _, path in routes]
+            ports = {
+                name: sock.getsockname()[1]
+                for (name, _), (sock, _) in zip(routes, pairs, strict=True)
+            }
+            ready = {"ready": True, "ports": ports}
+            for sock, path in pairs[1:]:
+                handler = functools.partial(forward_one, path)
+                threading.Thread(target=accept_loop, args=(sock, handler), daemon=True).start()
+            listeners, handler = [pairs[0][0]], functools.partial(forward_one, pairs[0][1])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(json.dumps({"ready": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
         return 1

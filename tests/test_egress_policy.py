@@ -6,10 +6,12 @@ npm configuration never leaks in.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from pytest_agentbox import egress
 from pytest_agentbox.egress import (
     NEVER_AUTO_ALLOW,
     EgressPolicy,
@@ -452,3 +454,104 @@ def test_codeload_only_policy_is_no_network() -> None:
 )
 def test_domain_matches(host: str, pattern: str, matches: bool) -> None:
     assert domain_matches(host, pattern) is matches
+
+
+# ------------------------------------------------------------- private opt-in, engine nets
+
+
+def test_private_domains_are_carried_and_shown(home: Path, root: Path) -> None:
+    policy = compute_policy(
+        declared=["db.corp.example", "api.example.com"],
+        key_domains=[],
+        has_setup_command=False,
+        unrestricted=False,
+        env={},
+        home=home,
+        root=root,
+        private=["DB.corp.example."],
+    )
+    assert policy.private_domains == ("db.corp.example",)
+    text = policy.describe()
+    assert "PRIVATE OK:  db.corp.example" in text
+    assert "private addresses are refused after DNS" in text
+
+
+def test_private_domain_must_be_declared(home: Path, root: Path) -> None:
+    with pytest.raises(ManifestError, match="private but not declared"):
+        compute_policy(
+            declared=["api.example.com"],
+            key_domains=[],
+            has_setup_command=False,
+            unrestricted=False,
+            env={},
+            home=home,
+            root=root,
+            private=["db.corp.example"],
+        )
+
+
+def test_manifest_network_rule_private_needs_a_reason() -> None:
+    from pydantic import ValidationError
+
+    from pytest_agentbox.manifest import NetworkRule
+
+    rule = NetworkRule.model_validate(
+        {"domain": "db.corp.example", "private": True, "reason": "db"}
+    )
+    assert rule.private is True
+    assert NetworkRule.model_validate("api.example.com").private is False
+    with pytest.raises(ValidationError, match="needs a reason"):
+        NetworkRule.model_validate({"domain": "db.corp.example", "private": True})
+    with pytest.raises(ValidationError):
+        NetworkRule.model_validate({"domain": "db.corp.example", "private": "yes", "reason": "x"})
+
+
+def test_parse_host_addresses_reads_fib_trie_and_if_inet6() -> None:
+    text = (
+        "Main:\n  +-- 0.0.0.0/0 3 0 4\n     |-- 0.0.0.0\n        /0 universe UNICAST\n"
+        "           |-- 172.17.0.0\n              /16 link UNICAST\n"
+        "           |-- 172.17.0.1\n              /32 host LOCAL\n"
+        "        |-- 172.17.255.255\n           /32 link BROADCAST\n"
+        "           |-- 203.0.113.5\n              /32 host LOCAL\n"
+        "00000000000000000000000000000001 01 80 10 80       lo\n"
+        "fd000000000000000000000000000002 04 40 00 82     eth0\n"
+    )
+    assert egress.parse_host_addresses(text) == ["172.17.0.1", "203.0.113.5", "::1", "fd00::2"]
+
+
+class _Net:
+    def __init__(self, config: list[dict[str, str]]) -> None:
+        self.attrs = {"IPAM": {"Config": config}}
+
+
+class _Client:
+    class networks:
+        @staticmethod
+        def list() -> list[_Net]:
+            return [
+                _Net([{"Subnet": "172.17.0.0/16", "Gateway": "172.17.0.1"}]),
+                _Net(
+                    [
+                        {"Subnet": "fd00:dead::/64"},
+                        {"Subnet": "10.5.0.0/24", "IPRange": "10.5.0.128/25"},
+                    ]
+                ),
+                _Net([]),
+            ]
+
+
+def test_engine_private_nets_lists_every_subnet_and_gateway() -> None:
+    assert egress.engine_private_nets(_Client()) == sorted(
+        ["172.17.0.0/16", "172.17.0.1/32", "fd00:dead::/64", "10.5.0.0/24", "10.5.0.128/25"]
+    )
+
+
+def test_open_tunnels_are_connects_without_a_close() -> None:
+    lines = [
+        {"event": "connect", "id": 1, "decision": "allow", "host": "a.example.com"},
+        {"event": "connect", "id": 2, "decision": "deny", "host": "b.example.com"},
+        {"event": "connect", "id": 3, "decision": "allow", "host": "c.example.com"},
+        {"event": "close", "id": 1, "decision": "allow", "host": "a.example.com"},
+    ]
+    text = "\n".join(json.dumps(x) for x in lines) + "\nnot json\n[1]\n"
+    assert [r["host"] for r in egress.open_tunnels(text)] == ["c.example.com"]
