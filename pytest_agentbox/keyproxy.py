@@ -1,48 +1,78 @@
 """Key proxy of an agentbox sandbox: stdlib only, Python 3.9+, one file, run as root.
 
 One JSON config line on stdin is the only way real keys arrive (never argv, env or
-disk). It binds one 127.0.0.1 port per route, prints ``{"ready": true, "ports": {...}}``
-and serves: the agent holds a session token, the proxy swaps it for the real key.
+disk). Each route listens on a 127.0.0.1 port, or on a Unix socket (``"unix": PATH``,
+created 0600 under a umask: never reachable by others). It prints
+``{"ready": true, "ports": {name: port}, "sockets": {name: path}}`` (or ``{"ready":
+false, "error": TEXT}``, TEXT naming the field, never a value) and serves: the agent
+holds a session token, the proxy swaps it for the real key. With ``"owner_stdin": true``
+it keeps reading stdin and exits at end-of-file: the owner's death ends the keys.
 Security properties:
 - Token required (``Authorization: Bearer``, ``x-api-key`` or the route's header),
   compared in constant time; else 403. Nothing the agent sent is ever echoed.
 - The head is checked as raw bytes (no lenient parser), 64 KiB at most (431): CRLF
   line ends only; no bare CR/LF, NUL or other controls (HTAB only in values); no
-  obs-fold; token header names; origin-form target without spaces, controls or "#";
-  HTTP/1.0 or 1.1 only (505). Any header name spelling "transfer-encoding" is refused;
-  Content-Length is digits (repeats identical); over 100 MiB is 413 unread.
+  obs-fold; token header names; origin-form target without spaces, controls or "#",
+  never "//"; HTTP/1.0 or 1.1 only (505). Methods GET POST PUT PATCH DELETE HEAD OPTIONS
+  only (405). Any header name spelling "transfer-encoding" is refused; Content-Length
+  is digits (repeats identical); over 100 MiB is 413 unread.
+- Availability: one selector loop reads every head and body, so idle or trickling
+  connections hold no thread and no slot. One deadline per request for head and body
+  (``request_timeout``, 60 s: 408). At most ``max_active`` (32) requests are forwarded
+  at once and ``max_connections`` (1024) are open; beyond either, 503 at once. Buffered
+  request bytes are capped (256 MiB). No descriptor, thread or agent error ends the loop.
 - The whole request is read and checked before the upstream is contacted; one request
-  per connection (``Connection: close``), bytes after the body are never forwarded;
-  60 s socket timeouts; at most 64 connections served at once.
+  per connection (``Connection: close``), bytes after the body are never forwarded.
 - Upstream pinned per route, TLS verified (system CAs plus ``ca_pem``), through the
-  egress CONNECT proxy when configured. Hop-by-hop, Host, Cookie and the agent's auth
-  headers are dropped; the real key is set in the route's style.
-- Response headers pass only from an allowlist; the body streams as it arrives (SSE).
+  egress CONNECT proxy when configured. Hop-by-hop, Host, Cookie, Accept-Encoding and the
+  agent's auth headers are dropped; the real key is set in the route's style; the
+  upstream is asked for ``Accept-Encoding: identity``.
+- The key never comes back. Response headers pass only from an allowlist, and every
+  passed header line and the whole body are scanned for each real key of this proxy:
+  raw (so also ``Bearer KEY``), base64 and base64url at all three byte alignments (so
+  the base64 of any text holding the key, ``Bearer KEY`` and ``user:KEY`` included),
+  hex (lower, upper), percent-encoded (minimal and every byte, both cases) and
+  JSON-escaped (plain, ``\\/``, HTML-safe). A hit is replaced by as many ``*`` (so
+  Content-Length stays right) and logged as ``{"event": "leak", "route", "path",
+  "where": "body" | "header:NAME", "form", "count"}``. The scan is linear and streams:
+  only a tail that could begin a pattern waits for the next read (SSE events end in
+  newlines and never wait). gzip and deflate bodies are decoded (at most 100 MiB, past
+  it the connection is reset and the request logged with a ``note``) and sent as
+  identity, close-delimited; any other content-encoding is 502, nothing passed.
 - Errors are fixed texts, never exception text. The request log (0600) holds route,
   method, path without query, status, sizes, time: no headers, keys or tokens.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import functools
 import hmac
 import http.client
 import json
 import os
 import re
+import resource
+import selectors
 import socket
 import ssl
+import stat
+import struct
 import sys
 import threading
 import time
+import zlib
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
-HEAD_MAX, BODY_MAX, BUF = 64 * 1024, 100 * 1024 * 1024, 64 * 1024
-TIMEOUT = 60.0
-LINGER, SLOTS = 2.0, threading.BoundedSemaphore(64)
+HEAD_MAX, BODY_MAX, BUF, DECODED_MAX = 64 * 1024, 100 * 1024 * 1024, 64 * 1024, 100 * 1024**2
+TIMEOUT, ACTIVE_MAX, CONNS_MAX, BUFFERED_MAX, LINGER = 60.0, 32, 1024, 256 * 1024**2, 2.0
+METHODS = frozenset(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+# Headers this proxy sets or drops itself: a key must never be put in one of them.
+MANAGED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+MANAGED_HEADERS |= {"te", "trailer", "upgrade", "expect", "accept-encoding"}
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*")  # origin-form: visible ASCII, no "#"
+_TARGET = re.compile(rb"/(?!/)[\x21\x22\x24-\x7e]*|/")  # origin-form, no "#", never "//"
 _VERSION = re.compile(rb"HTTP/[0-9](?:\.[0-9])?")
 _DIGITS = re.compile(rb"[0-9]+")
 _DOMAIN = re.compile(r"([a-z0-9-]{1,63}\.)+[a-z][a-z0-9-]{0,62}")  # a name, never an IP
@@ -52,14 +82,16 @@ _NOT_ALNUM = re.compile(rb"[^a-z0-9]")
 _SAFE_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _HOP = {b"connection", b"keep-alive", b"te", b"trailer", b"upgrade", b"transfer-encoding"}
 _DROP = _HOP | {b"host", b"authorization", b"x-api-key", b"cookie", b"content-length", b"expect"}
+_DROP |= {b"accept-encoding"}
 _ALLOW_WORDS = "content-type content-length content-encoding date cache-control retry-after"
 _ALLOW = frozenset(f"{_ALLOW_WORDS} request-id x-request-id openai-processing-ms".split())
 _ALLOW |= {"openai-version", "anthropic-version"}
 _ALLOW_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "ratelimit-")
 _TEXT = {400: "Bad request", 403: "Missing or invalid session token", 408: "Request timed out"}
-_TEXT |= {413: "Request body too large", 431: "Request head too large"}
-_TEXT |= {502: "Upstream connection failed", 504: "Upstream timed out"}
+_TEXT |= {405: "Method not allowed", 413: "Request body too large", 431: "Request head too large"}
+_TEXT |= {502: "Upstream connection failed", 503: "Key proxy busy", 504: "Upstream timed out"}
 _TEXT |= {505: "HTTP version not supported"}
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 if TYPE_CHECKING:  # aliases only for checkers: "int | None" fails at runtime on 3.9
     Headers = list[tuple[bytes, bytes]]
     Request = tuple[str, str, Headers, int | None, bytes]
@@ -69,34 +101,36 @@ class Refused(Exception):
     """The request is answered with ``Refused(status)`` and never forwarded."""
 
 
+class Cut(Exception):
+    """The answer had started: the agent's connection is reset (the reason is logged)."""
+
+
 class ConfigError(ValueError):
-    """A config field is invalid; the message is a fixed text, never a value."""
+    """A config field is invalid; the message names the field, never its value."""
 
 
-def read_head(conn: socket.socket) -> tuple[bytes, bytes]:
-    """Read up to CRLFCRLF within 64 KiB and 60 s; return (head, bytes after it)."""
-    data, deadline = bytearray(), time.monotonic() + TIMEOUT
-    while True:
-        start = max(0, len(data) - 3)
-        conn.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = conn.recv(BUF)
-        if not chunk:
-            raise Refused(400)
-        data += chunk
-        end = data.find(b"\r\n\r\n", start)
-        if end >= 0:
-            if end > HEAD_MAX:
-                raise Refused(431)
-            return bytes(data[:end]), bytes(data[end + 4 :])
-        if _BARE.search(data, start):  # a bare-LF client would never send CRLFCRLF
-            raise Refused(400)
-        if len(data) > HEAD_MAX + 4:
-            raise Refused(431)
+def auth_header(style: str) -> str:
+    """The header a route's key goes in: ``bearer``, ``x-api-key`` or ``header:<Name>``.
+
+    The one rule for auth styles, shared by the host's manifest check and this proxy.
+    """
+    if style in ("bearer", "x-api-key"):
+        return "Authorization" if style == "bearer" else "x-api-key"
+    if not style.startswith("header:"):
+        raise ValueError("auth_style must be 'bearer', 'x-api-key' or 'header:<Name>'")
+    name = style[len("header:") :]
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}", name):
+        raise ValueError("auth_style header:<Name> needs an HTTP token name of 1-64 characters")
+    low = name.lower()
+    if low in MANAGED_HEADERS or low.startswith("proxy-"):
+        shown = low if low in MANAGED_HEADERS else "proxy-*"
+        raise ValueError(f"auth_style header:{shown}: the key proxy sets or drops that header")
+    return name
 
 
-def parse_head(head: bytes) -> tuple[str, str, bytes, Headers]:
+def parse_head(data: bytes) -> tuple[str, str, bytes, Headers]:
     """Strictly parse a head into (method, target, version, [(name, value)])."""
-    lines = head.split(b"\r\n")
+    lines = data.split(b"\r\n")
     if any(_CTL.search(line) for line in lines):
         raise Refused(400)
     parts = lines[0].split(b" ")
@@ -112,6 +146,8 @@ def parse_head(head: bytes) -> tuple[str, str, bytes, Headers]:
         if not colon or not _TOKEN.fullmatch(name):  # also obs-fold: name starts with SP
             raise Refused(400)
         headers.append((name, value.strip(b" \t")))
+    if parts[0].decode() not in METHODS:  # CONNECT, TRACE and unknown verbs never go out
+        raise Refused(405)
     return parts[0].decode(), parts[1].decode(), parts[2], headers
 
 
@@ -129,65 +165,364 @@ def body_length(headers: Headers) -> int | None:
     return int(value)
 
 
+def leak_forms(key: bytes) -> dict[bytes, str]:
+    """Every encoding of ``key`` an echo or debug endpoint could send back, with its name."""
+    text = key.decode("ascii")
+    escaped = json.dumps(text)[1:-1]
+    html = escaped.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    forms = {key: "raw"}
+    for j in (escaped, escaped.replace("/", "\\/"), html):
+        forms.setdefault(j.encode(), "json")
+    for plain in list(forms):  # also base64 of a JSON document holding the key
+        for shift in range(3):  # the part of base64(prefix + key + suffix) set by the key alone
+            core = base64.b64encode(b"\0" * shift + plain)
+            core = core[-(-8 * shift // 6) : 8 * (shift + len(plain)) // 6]
+            forms.setdefault(core, "base64")
+            forms.setdefault(core.translate(_URLSAFE), "base64url")
+    for hexed in (key.hex(), key.hex().upper()):
+        forms.setdefault(hexed.encode(), "hex")
+    for pct in (quote(text, safe=""), "".join(f"%{b:02X}" for b in key)):
+        forms.setdefault(pct.encode(), "percent")
+        forms.setdefault(re.sub("%..", lambda m: m.group().lower(), pct).encode(), "percent")
+    return forms
+
+
+class Leaks:
+    """The leak patterns of all keys, with what a linear, streaming scan needs."""
+
+    def __init__(self, keys: list[bytes]) -> None:
+        self.forms: dict[bytes, str] = {}
+        for key in keys:
+            for pattern, form in leak_forms(key).items():
+                self.forms.setdefault(pattern, form)
+        self.longest = max(map(len, self.forms))
+        # Any occurrence of a pattern at least step+7 long covers one 8-byte word at a
+        # multiple of ``step``, so sampling those words against a set is a complete
+        # prefilter at C speed; exact finds run only on a hit.
+        self.step = max(8, (min(map(len, self.forms)) - 7) // 8 * 8)
+        self.short = [p for p in self.forms if len(p) < self.step + 7]
+        self.anchors = {
+            int.from_bytes(p[i : i + 8], sys.byteorder)
+            for p in self.forms
+            if len(p) >= self.step + 7
+            for i in range(self.step)
+        }
+        self.firsts: dict[int, list[bytes]] = {}
+        for p in self.forms:
+            self.firsts.setdefault(p[0], []).append(p)
+        self.not_first = bytes(b for b in range(256) if b not in self.firsts)
+
+    def mask(self, buf: bytes) -> tuple[bytes, list[str]]:
+        """``buf`` with every pattern replaced by as many ``*``, and the forms found."""
+        words = memoryview(buf)[: len(buf) & ~7].cast("Q")[:: self.step // 8]
+        if self.anchors.isdisjoint(words) and not any(p in buf for p in self.short):
+            return buf, []
+        out, found = bytearray(buf), []
+        for pattern, form in self.forms.items():
+            at = buf.find(pattern)
+            while at >= 0:
+                out[at : at + len(pattern)] = b"*" * len(pattern)
+                found.append(form)
+                at = buf.find(pattern, at + 1)
+        return bytes(out), found
+
+    def hold(self, buf: bytes) -> int:
+        """Length of the longest end of ``buf`` that could still grow into a pattern."""
+        n, lo = len(buf), max(0, len(buf) - self.longest + 1)
+        if not buf[lo:].translate(None, self.not_first):
+            return 0
+        for i in range(lo, n):
+            for p in self.firsts.get(buf[i], ()):
+                if len(p) > n - i and p.startswith(buf[i:]):
+                    return n - i
+        return 0
+
+
+class Conn:
+    """An agent connection while the loop reads its request or drains it after the answer."""
+
+    def __init__(self, sock: socket.socket, route: dict[str, Any], deadline: float) -> None:
+        self.sock, self.route, self.deadline, self.state = sock, route, deadline, "head"
+        self.buf, self.held, self.need, self.req = bytearray(), 0, 0, None
+        self.start = time.monotonic()
+        self.rec: dict[str, Any] = {"route": route["name"], "method": "", "path": ""}
+        self.rec.update(status=0, bytes_in=0, bytes_out=0)
+
+
 class Proxy:
-    """The validated config plus what every connection shares (TLS context, log)."""
+    """The validated config, the selector loop and the forwarding workers."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.token = str(cfg["token"]).encode()
-        self.port = int(cfg.get("upstream_port") or 443)
-        self.via = cfg.get("upstream_proxy")
+        self.port, self.via = int(cfg.get("upstream_port") or 443), cfg.get("upstream_proxy")
+        self.timeout = float(cfg.get("request_timeout") or TIMEOUT)
+        self.max_active = int(cfg.get("max_active") or ACTIVE_MAX)
+        self.max_conns = int(cfg.get("max_connections") or CONNS_MAX)
+        self.leaks = Leaks([str(r["key"]).encode() for r in cfg["routes"]])
         self.ctx = ssl.create_default_context()  # system CAs, hostname check, CERT_REQUIRED
         self.ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if cfg.get("ca_pem"):  # in addition: cadata= in create_default_context replaces them
-            self.ctx.load_verify_locations(cadata=str(cfg["ca_pem"]))
-        self.lock, self.log_fd = threading.Lock(), -1
+        try:  # in addition: cadata= in create_default_context replaces them
+            if cfg.get("ca_pem"):
+                self.ctx.load_verify_locations(cadata=str(cfg["ca_pem"]))
+        except (ssl.SSLError, ValueError):
+            raise ConfigError("ca_pem is not a valid PEM certificate bundle") from None
+        self.lock, self.log_fd, self.active, self.buffered = threading.Lock(), -1, 0, 0
+        self.conns: set[Conn] = set()
+        self.back: list[Conn] = []
         if cfg.get("log_path"):
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-            self.log_fd = os.open(str(cfg["log_path"]), flags, 0o600)
-            os.fchmod(self.log_fd, 0o600)
+            try:
+                self.log_fd = os.open(str(cfg["log_path"]), flags, 0o600)
+                os.fchmod(self.log_fd, 0o600)
+            except OSError as exc:
+                raise ConfigError(f"log_path cannot be opened: {exc.strerror}") from None
 
     def authorized(self, route: dict[str, Any], headers: Headers) -> bool:
         """True if any auth header carries the session token (constant-time compare)."""
         ok, own = False, route["header"].lower()
+        bare = own == b"authorization" and route["auth_style"] != "bearer"  # header:Authorization
         for name, value in headers:
             name = name.lower()
-            if name == b"authorization":  # only as a Bearer credential
+            if name == b"authorization":  # a Bearer credential, or bare for its own route
                 scheme, _, credential = value.partition(b" ")
                 ok |= scheme.lower() == b"bearer" and hmac.compare_digest(credential, self.token)
+                ok |= bare and hmac.compare_digest(value, self.token)
             elif name in (b"x-api-key", own):
                 ok |= hmac.compare_digest(value, self.token)
         return ok
 
-    def receive(self, route: dict[str, Any], conn: socket.socket, rec: dict[str, Any]) -> Request:
-        """Read and check one whole request; Refused(status) on any failure."""
-        head, rest = read_head(conn)
-        rec["bytes_in"] = len(head) + 4
-        method, target, version, headers = parse_head(head)
-        rec.update(method=method[:32], path=target.split("?", 1)[0][:2048])
-        length = body_length(headers)
-        if not self.authorized(route, headers):
-            raise Refused(403)
-        expect = any(n.lower() == b"expect" and v.lower() == b"100-continue" for n, v in headers)
-        if expect and length and version == b"HTTP/1.1" and len(rest) < length:
-            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = bytearray(rest[: length or 0])
-        while length and len(body) < length:
-            conn.settimeout(TIMEOUT)
-            chunk = conn.recv(min(BUF, length - len(body)))  # never read past the body
-            if not chunk:
-                raise Refused(400)
-            body += chunk
-        rec["bytes_in"] += len(body)
-        return method, target, headers, length, bytes(body)
+    # ------------------------------------------------------------ the selector loop
 
-    def forward(self, route: dict[str, Any], req: Request) -> http.client.HTTPSConnection:
+    def serve(self, listeners: list[tuple[dict[str, Any], socket.socket]]) -> None:
+        """Accept and read every connection in one thread; workers only forward."""
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        for sock in (self.wake_r, self.wake_w):
+            sock.setblocking(False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        for route, sock in listeners:
+            sock.setblocking(False)
+            self.sel.register(sock, selectors.EVENT_READ, route)
+        paused, sweep = 0.0, 0.0
+        while True:
+            try:
+                for key, _ in self.sel.select(0.1):
+                    if key.data is None:
+                        self.take_back()
+                    elif isinstance(key.data, Conn):
+                        self.readable(key.data)
+                    elif not self.accept(key.fileobj, key.data) and not paused:  # no fds
+                        paused = time.monotonic() + 0.1
+                        for _, sock in listeners:
+                            self.sel.unregister(sock)
+                now = time.monotonic()
+                if paused and now >= paused:
+                    paused = 0.0
+                    for route, sock in listeners:
+                        self.sel.register(sock, selectors.EVENT_READ, route)
+                if now >= sweep:
+                    sweep = now + 0.1
+                    for c in [c for c in self.conns if c.deadline <= now]:
+                        if c.state == "drain":
+                            self.close(c)
+                        else:
+                            self.refuse(c, 408)
+            except Exception:
+                time.sleep(0.01)
+
+    def accept(self, listener: Any, route: dict[str, Any]) -> bool:
+        """Accept what is waiting; False when out of descriptors (the caller backs off)."""
+        for _ in range(64):
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:  # no delayed-ACK stalls
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            over = len(self.conns) + self.active - self.max_conns
+            if over >= 64:  # past the few a 503 is drained for: just close
+                sock.close()
+                continue
+            c = Conn(sock, route, time.monotonic() + self.timeout)
+            try:
+                self.sel.register(sock, selectors.EVENT_READ, c)
+            except (OSError, ValueError):
+                sock.close()
+                continue
+            self.conns.add(c)
+            if over >= 0:
+                self.refuse(c, 503)
+        return True
+
+    def readable(self, c: Conn) -> None:
+        try:
+            data = c.sock.recv(min(BUF, c.need - len(c.buf)) if c.state == "body" else BUF)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self.close(c)
+        if c.state == "drain":
+            return None if data else self.close(c)
+        if not data:  # end of input before a whole request
+            return self.refuse(c, 400)
+        try:
+            if self.buffered + len(data) > BUFFERED_MAX:
+                raise Refused(503)
+            c.buf += data
+            self.account(c)
+            self.advance(c, len(data))
+        except Refused as exc:
+            self.refuse(c, exc.args[0])
+
+    def advance(self, c: Conn, new: int) -> None:
+        """Check the head once it is complete, then dispatch once the body is."""
+        if c.state == "head":
+            start = max(0, len(c.buf) - new - 3)
+            end = c.buf.find(b"\r\n\r\n", start)
+            if end < 0:
+                if _BARE.search(c.buf, start):  # a bare-LF client would never send CRLFCRLF
+                    raise Refused(400)
+                if len(c.buf) > HEAD_MAX + 4:
+                    raise Refused(431)
+                return
+            if end > HEAD_MAX:
+                raise Refused(431)
+            head, rest = bytes(c.buf[:end]), c.buf[end + 4 :]
+            c.rec["bytes_in"] = end + 4
+            method, target, version, headers = parse_head(head)
+            c.rec.update(method=method, path=target.split("?", 1)[0][:2048])
+            length = body_length(headers)
+            if not self.authorized(c.route, headers):
+                raise Refused(403)
+            expect = any(
+                n.lower() == b"expect" and v.lower() == b"100-continue" for n, v in headers
+            )
+            if expect and length and version == b"HTTP/1.1" and len(rest) < length:
+                with contextlib.suppress(OSError):
+                    c.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            c.req, c.need, c.state = (method, target, headers, length), length or 0, "body"
+            c.buf = bytearray(rest[: c.need])  # what follows the body is never forwarded
+            self.account(c)
+        if len(c.buf) < c.need:
+            return
+        with self.lock:
+            busy = self.active >= self.max_active
+            self.active += 0 if busy else 1
+        if busy:  # answer at once rather than queue behind slow upstreams
+            raise Refused(503)
+        self.sel.unregister(c.sock)
+        self.conns.discard(c)
+        c.rec["bytes_in"] += len(c.buf)
+        try:
+            threading.Thread(target=self.work, args=(c,), daemon=True).start()
+        except RuntimeError:  # out of threads
+            with self.lock:
+                self.active -= 1
+            raise Refused(503) from None
+
+    def account(self, c: Conn) -> None:
+        with self.lock:
+            self.buffered += len(c.buf) - c.held
+        c.held = len(c.buf)
+
+    def refuse(self, c: Conn, status: int) -> None:
+        """Answer with a fixed text, log, then drain the connection for LINGER seconds."""
+        c.rec["status"] = status
+        with contextlib.suppress(OSError):
+            c.rec["bytes_out"] += c.sock.send(reply(status))
+        self.log_request(c)
+        self.drain(c)
+
+    def drain(self, c: Conn) -> None:
+        """Half-close, read what is left: closing with unread input would reset the answer."""
+        c.buf, c.state, c.deadline = bytearray(), "drain", time.monotonic() + LINGER
+        self.account(c)
+        with contextlib.suppress(OSError):
+            c.sock.shutdown(socket.SHUT_WR)
+        if c not in self.conns:
+            try:
+                c.sock.setblocking(False)
+                self.sel.register(c.sock, selectors.EVENT_READ, c)
+                self.conns.add(c)
+            except (OSError, ValueError):
+                c.sock.close()
+
+    def close(self, c: Conn) -> None:
+        c.buf = bytearray()
+        self.account(c)
+        if c in self.conns:
+            self.conns.discard(c)
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(c.sock)
+        c.sock.close()
+
+    def take_back(self) -> None:
+        """Drain the connections the workers are done with."""
+        with contextlib.suppress(OSError):
+            while self.wake_r.recv(4096):
+                pass
+        with self.lock:
+            done, self.back = self.back, []
+        for c in done:
+            self.drain(c)
+
+    # ------------------------------------------------------------------ the workers
+
+    def work(self, c: Conn) -> None:
+        """Forward one checked request and stream its answer, scanned for leaks."""
+        upstream, leaks, reset = None, {}, False
+        try:
+            c.sock.settimeout(self.timeout)
+            try:  # failures before any answer become fixed texts, never exception text
+                upstream = self.forward(c.route, c.req, bytes(c.buf))
+                resp = upstream.getresponse()
+            except socket.timeout:  # noqa: UP041 -- not TimeoutError on Python 3.9
+                raise Refused(504) from None
+            except Exception:
+                raise Refused(502) from None
+            finally:
+                c.buf = bytearray()
+                self.account(c)
+            c.rec["status"] = resp.status
+            self.relay(c, resp, leaks)
+        except Refused as exc:
+            c.rec["status"] = status = exc.args[0]
+            with contextlib.suppress(OSError):
+                c.sock.sendall(reply(status))
+                c.rec["bytes_out"] += len(reply(status))
+        except Cut as exc:
+            c.rec["note"], reset = exc.args[0], True
+        except Exception:  # noqa: S110 -- agent or upstream gone mid-answer: just close
+            pass
+        finally:
+            if upstream is not None:
+                upstream.close()
+            with self.lock:
+                self.active -= 1
+            self.log_request(c)
+            for (where, form), count in leaks.items():
+                self.log({"event": "leak", "route": c.route["name"], "path": c.rec["path"]}
+                         | {"where": where, "form": form, "count": count})  # fmt: skip
+            if reset:  # the body was cut: a reset tells the agent it is incomplete
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.sock.close()
+            else:
+                with self.lock:
+                    self.back.append(c)
+                with contextlib.suppress(OSError):
+                    self.wake_w.send(b"\0")
+
+    def forward(self, route: dict[str, Any], req: Any, body: bytes) -> http.client.HTTPSConnection:
         """Open the pinned upstream (tunnelled when configured) and send the request."""
-        method, target, headers, length, body = req
+        method, target, headers, length = req
         if self.via:
             host, port = str(self.via["host"]), int(self.via["port"])
         else:
             host, port = route["domain"], self.port
-        up = http.client.HTTPSConnection(host, port, timeout=TIMEOUT, context=self.ctx)
+        up = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.ctx)
         if self.via:  # TLS still checks the certificate against the pinned domain
             up.set_tunnel(route["domain"], self.port)
         named = [v for n, v in headers if n.lower() == b"connection"]
@@ -201,6 +536,7 @@ class Proxy:
                 if name.lower() not in drop and not name.lower().startswith(b"proxy-"):
                     up.putheader(name, value)
             up.putheader(route["header"], route["value"])
+            up.putheader(b"Accept-Encoding", b"identity")  # only what the scan can read
             if length is not None:
                 up.putheader(b"Content-Length", str(length).encode())
             up.endheaders(body or None)
@@ -209,46 +545,36 @@ class Proxy:
             raise
         return up
 
-    def handle(self, route: dict[str, Any], conn: socket.socket) -> None:
-        """Serve exactly one request on ``conn``, log it, close the connection."""
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no delayed-ACK stalls
-        start, upstream = time.monotonic(), None
-        rec: dict[str, Any] = {"route": route["name"], "method": "", "path": "", "status": 0}
-        rec.update(bytes_in=0, bytes_out=0)
-        try:
-            try:  # 1. the whole request is read and checked before anything is forwarded
-                req = self.receive(route, conn, rec)
-            except socket.timeout:  # noqa: UP041 -- not TimeoutError on Python 3.9
-                raise Refused(408) from None
-            try:  # 2. failures before any answer become fixed texts, never exception text
-                upstream = self.forward(route, req)
-                resp = upstream.getresponse()
-            except socket.timeout:  # noqa: UP041
-                raise Refused(504) from None
-            except Exception:
-                raise Refused(502) from None
-            out, rec["status"] = response_head(resp), resp.status
-            conn.settimeout(TIMEOUT)
-            while out:  # 3. stream: what has arrived goes out at once (SSE)
-                conn.sendall(out)
-                rec["bytes_out"] += len(out)
-                out = resp.read1(BUF)
-        except Refused as exc:
-            rec["status"] = status = exc.args[0]
-            reply = f"HTTP/1.1 {status} {http.client.responses[status]}\r\n"
-            reply += "Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-            reply += f"Content-Length: {len(_TEXT[status])}\r\n\r\n{_TEXT[status]}"
-            with contextlib.suppress(OSError):
-                conn.sendall(reply.encode())
-                rec["bytes_out"] += len(reply)
-        except Exception:  # noqa: S110 -- agent or upstream gone mid-answer: just close
-            pass
-        finally:
-            if upstream is not None:
-                upstream.close()
-            rec["ms"] = int((time.monotonic() - start) * 1000)
-            self.log(rec)
-            linger_close(conn)
+    def relay(self, c: Conn, resp: http.client.HTTPResponse, leaks: dict) -> None:
+        """Send the allowlisted head and the body as it arrives (SSE), both masked."""
+        coding = (resp.getheader("content-encoding") or "identity").strip().lower()
+        if coding not in ("identity", "gzip", "x-gzip", "deflate"):
+            raise Refused(502)  # bytes we cannot scan never reach the agent
+        lines = [f"HTTP/1.1 {resp.status} {http.client.responses.get(resp.status, 'Unknown')}"]
+        for name, value in allowed_headers(resp, coding != "identity"):
+            line, found = self.leaks.mask(f"{name}: {value}".encode("latin-1"))
+            for form in found:
+                where = "header:" + line.split(b":", 1)[0].decode("latin-1").lower()
+                leaks[where, form] = leaks.get((where, form), 0) + 1
+            lines.append(line.decode("latin-1"))
+        self.send(c, "\r\n".join([*lines, "Connection: close", "", ""]).encode("latin-1"))
+        tail = b""
+        for data in decoded(resp, coding):
+            buf, found = self.leaks.mask(tail + data if tail else data)
+            for form in found:
+                leaks["body", form] = leaks.get(("body", form), 0) + 1
+            keep = self.leaks.hold(buf)  # masked already: it goes out next time or at the end
+            tail = buf[len(buf) - keep :] if keep else b""
+            self.send(c, buf[: len(buf) - keep] if keep else buf)
+        self.send(c, tail)
+
+    def send(self, c: Conn, data: bytes) -> None:
+        if data:
+            c.sock.sendall(data)
+            c.rec["bytes_out"] += len(data)
+
+    def log_request(self, c: Conn) -> None:
+        self.log({**c.rec, "ms": int((time.monotonic() - c.start) * 1000)})
 
     def log(self, rec: dict[str, Any]) -> None:
         """Append one JSON line; the caller passes no header, key, token or query."""
@@ -258,85 +584,131 @@ class Proxy:
                 os.write(self.log_fd, line.encode())
 
 
-def response_head(resp: http.client.HTTPResponse) -> bytes:
-    """Status line, allowlisted headers with safe values, ``Connection: close``."""
-    lines = [f"HTTP/1.1 {resp.status} {http.client.responses.get(resp.status, 'Unknown')}"]
+def allowed_headers(resp: http.client.HTTPResponse, decoding: bool) -> list[tuple[str, str]]:
+    """Allowlisted headers with safe values; the framing ones only where they still hold."""
+    out = []
     for name, value in resp.getheaders():
         low, ok_name = name.lower(), _TOKEN.fullmatch(name.encode("latin-1"))
         allowed = low in _ALLOW or low.startswith(_ALLOW_PREFIXES)
-        if allowed and ok_name and low != "content-length" and _SAFE_VALUE.fullmatch(value):
-            lines.append(f"{name}: {value}")
+        framing = low == "content-length" or (decoding and low == "content-encoding")
+        if allowed and ok_name and not framing and _SAFE_VALUE.fullmatch(value):
+            out.append((name, value))
     length = resp.headers.get("content-length") or ""
-    if _DIGITS.fullmatch(length.encode("latin-1")) and not resp.chunked:
-        lines.append(f"Content-Length: {length}")  # only the value http.client frames by
-    lines += ["Connection: close", "", ""]
-    return "\r\n".join(lines).encode("latin-1")
+    if _DIGITS.fullmatch(length.encode("latin-1")) and not resp.chunked and not decoding:
+        out.append(("Content-Length", length))  # only the value http.client frames by
+    return out
 
 
-def linger_close(conn: socket.socket) -> None:
-    """Half-close, then drain briefly: closing with unread input would reset the answer."""
-    with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + LINGER
-        while time.monotonic() < deadline:
-            conn.settimeout(max(0.01, deadline - time.monotonic()))
-            if not conn.recv(BUF):
-                break
-    conn.close()
-
-
-def accept_loop(listener: socket.socket, handler: Any) -> None:
-    """Accept forever; one thread per connection, 64 at most (then the backlog queues)."""
-
-    def run(conn: socket.socket) -> None:
-        try:
-            handler(conn)
-        finally:
-            SLOTS.release()
-
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError:  # e.g. out of descriptors: back off, keep serving
-            time.sleep(0.1)
+def decoded(resp: http.client.HTTPResponse, coding: str) -> Any:
+    """The body's bytes as they arrive, gzip or deflate decoded up to DECODED_MAX."""
+    inflate, total = None, 0
+    while chunk := resp.read1(BUF):
+        if coding == "identity":
+            yield chunk
             continue
-        SLOTS.acquire()
-        try:
-            threading.Thread(target=run, args=(conn,), daemon=True).start()
-        except RuntimeError:  # out of threads
-            SLOTS.release()
-            conn.close()
+        if inflate is None:  # "deflate" is zlib-wrapped by the spec, raw in the wild
+            zlib_header = (
+                len(chunk) > 1 and chunk[0] & 15 == 8 and int.from_bytes(chunk[:2], "big") % 31 == 0
+            )
+            inflate = zlib.decompressobj(31 if "gzip" in coding else 15 if zlib_header else -15)
+        while chunk and not inflate.eof:
+            try:
+                data = inflate.decompress(chunk, BUF)
+            except zlib.error:
+                raise Cut("undecodable body") from None
+            chunk, total = inflate.unconsumed_tail, total + len(data)
+            if total > DECODED_MAX:
+                raise Cut("decoded body over 100 MiB")
+            yield data
+    if inflate is not None and not inflate.eof:
+        raise Cut("truncated compressed body")
+
+
+def reply(status: int) -> bytes:
+    text = _TEXT[status]
+    allow = "Allow: " + ", ".join(sorted(METHODS)) + "\r\n" if status == 405 else ""
+    head = f"HTTP/1.1 {status} {http.client.responses[status]}\r\n{allow}"
+    head += "Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+    return f"{head}Content-Length: {len(text)}\r\n\r\n{text}".encode()
+
+
+def number(cfg: dict[str, Any], name: str, low: float, high: float) -> None:
+    value = cfg.get(name)
+    if value is not None and not (type(value) in (int, float) and low <= value <= high):
+        raise ConfigError(f"{name} must be a number from {low} to {high}")
 
 
 def load_config(line: str) -> dict[str, Any]:
     """Parse and check the config; each route gets its auth ``header`` and ``value``."""
-    cfg = json.loads(line)
+    try:
+        cfg = json.loads(line)
+    except ValueError:
+        raise ConfigError("the config must be one JSON object on one line") from None
     if not isinstance(cfg, dict) or not re.fullmatch(r"[0-9a-f]{32,256}", str(cfg.get("token"))):
         raise ConfigError("token must be 32+ lowercase hex digits")
     routes, names = cfg.get("routes"), set()
-    if not isinstance(routes, list) or not routes:
-        raise ConfigError("routes must be a non-empty list")
+    if not isinstance(routes, list) or not routes or not all(isinstance(r, dict) for r in routes):
+        raise ConfigError("routes must be a non-empty list of objects")
     for r in routes:
-        domain, style, key = str(r.get("domain")), str(r.get("auth_style")), str(r.get("key"))
+        name = r.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+            raise ConfigError("each route needs a name of 1-64 letters, digits or ._-")
+        domain, key, unix = str(r.get("domain")), str(r.get("key")), r.get("unix")
+        if name in names:
+            raise ConfigError(f"route {name}: the name is used twice")
         if not _DOMAIN.fullmatch(domain) or len(domain) > 253:
-            raise ConfigError("route domain must be a lowercase host name, not an IP")
-        if not re.fullmatch(r"[\x21-\x7e]{1,8192}", key) or r.get("name") in names:
-            raise ConfigError("route key must be visible ASCII; route names unique")
-        names.add(r.get("name"))
-        header = {"bearer": "Authorization", "x-api-key": "x-api-key"}.get(style)
-        if style.startswith("header:"):
-            header = style[7:]
-            low = header.lower().encode()
-            if not _TOKEN.fullmatch(header.encode()) or low in _DROP or low.startswith(b"proxy-"):
-                raise ConfigError("auth_style header:<Name> needs a token name not managed here")
-        if header is None:
-            raise ConfigError("auth_style must be bearer, x-api-key or header:<Name>")
+            raise ConfigError(f"route {name}: domain must be a lowercase host name, not an IP")
+        if not re.fullmatch(r"[\x21-\x7e]{8,8192}", key):
+            raise ConfigError(f"route {name}: key must be 8 to 8192 visible ASCII characters")
+        if unix is not None and not (
+            isinstance(unix, str) and re.fullmatch(r"/[^\0]{1,106}", unix)
+        ):
+            raise ConfigError(f"route {name}: unix must be an absolute path under 108 bytes")
+        try:
+            header = auth_header(str(r.get("auth_style")))
+        except ValueError as exc:
+            raise ConfigError(f"route {name}: {exc}") from None
+        names.add(name)
         r["header"] = header.encode()
-        r["value"] = ("Bearer " + key if style == "bearer" else key).encode()
+        r["value"] = ("Bearer " + key if r["auth_style"] == "bearer" else key).encode()
     via = cfg.get("upstream_proxy")
-    if via is not None and not (isinstance(via, dict) and via.get("host") and int(via["port"])):
+    if via is not None and not (isinstance(via, dict) and via.get("host") and via.get("port")):
         raise ConfigError("upstream_proxy must be null or {host, port}")
+    number(cfg, "request_timeout", 0.1, 3600)
+    for name, high in (("max_active", 4096), ("max_connections", 65536), ("upstream_port", 65535)):
+        number(cfg, name, 1, high)
+    if via is not None:
+        number(via, "port", 1, 65535)
     return cfg
+
+
+def listen(route: dict[str, Any]) -> socket.socket:
+    """A 127.0.0.1 listener, or a 0600 Unix one (a stale socket file is replaced)."""
+    path = route.get("unix")
+    try:
+        if path is None:
+            return socket.create_server(("127.0.0.1", 0), backlog=512)
+        if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # no window in which others could connect
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(512)
+        return sock
+    except OSError as exc:
+        raise ConfigError(f"route {route['name']}: cannot listen: {exc.strerror}") from None
+
+
+def watch_owner() -> None:
+    """Exit the whole process when the owner's end of stdin closes."""
+    with contextlib.suppress(Exception):
+        while os.read(0, 65536):
+            pass
+    os._exit(0)
 
 
 def main() -> int:
@@ -344,21 +716,24 @@ def main() -> int:
     try:
         cfg = load_config(sys.stdin.readline())
         proxy = Proxy(cfg)
-        listeners = [(r, socket.create_server(("127.0.0.1", 0))) for r in cfg["routes"]]
+        listeners = [(r, listen(r)) for r in cfg["routes"]]
     except Exception as exc:  # the config holds keys: report a fixed text or a type only
-        error = str(exc) if isinstance(exc, ConfigError) else type(exc).__name__
+        error = str(exc) if isinstance(exc, ConfigError) else f"start failed: {type(exc).__name__}"
         print(json.dumps({"ready": False, "error": error}), flush=True)
         return 1
-    ports = {str(r["name"]): s.getsockname()[1] for r, s in listeners}
-    print(json.dumps({"ready": True, "ports": ports}), flush=True)
+    with contextlib.suppress(ValueError, OSError):  # descriptors for max_connections
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    ports = {r["name"]: s.getsockname()[1] for r, s in listeners if r.get("unix") is None}
+    sockets = {r["name"]: r["unix"] for r, _ in listeners if r.get("unix") is not None}
+    print(json.dumps({"ready": True, "ports": ports, "sockets": sockets}), flush=True)
     null = os.open(os.devnull, os.O_RDWR)  # the launcher may detach: never write to a closed pipe
-    for fd in (0, 1, 2):
+    for fd in (1, 2) if cfg.get("owner_stdin") else (0, 1, 2):
         os.dup2(null, fd)
-    for route, sock in listeners[1:]:
-        handler = functools.partial(proxy.handle, route)
-        threading.Thread(target=accept_loop, args=(sock, handler), daemon=True).start()
-    route, sock = listeners[0]
-    accept_loop(sock, functools.partial(proxy.handle, route))
+    if cfg.get("owner_stdin"):
+        threading.Thread(target=watch_owner, daemon=True).start()
+    threading.stack_size(512 * 1024)  # workers are shallow; many fit a pids/memory limit
+    proxy.serve(listeners)
     return 0
 
 

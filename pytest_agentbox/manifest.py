@@ -114,12 +114,23 @@ _MIN_MEMORY = 16 * 1024**2
 
 
 class NetworkRule(BaseModel):
-    """One allowed destination: an exact host or a ``*.`` wildcard over a domain's subdomains."""
+    """One allowed destination: an exact host or a ``*.`` wildcard over a domain's subdomains.
+
+    ``private: true`` lets the name resolve to private addresses (RFC 1918, 100.64/10, ULA;
+    never loopback, link-local, metadata or the engine's networks); it needs a reason.
+    """
 
     model_config = _FROZEN
 
     domain: str
     reason: str = ""
+    private: bool = Field(False, strict=True)
+
+    @model_validator(mode="after")
+    def _private_has_reason(self) -> NetworkRule:
+        if self.private and not self.reason.strip():
+            raise ValueError(f"{self.domain!r}: private: true needs a reason")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -673,15 +673,15 @@ def test_auth_style_valid(style: str) -> None:
 @pytest.mark.parametrize(
     ("style", "rule"),
     [
-        ("Bearer", "not an auth style"),
-        ("basic", "not an auth style"),
+        ("Bearer", "auth_style must be 'bearer', 'x-api-key' or 'header:<Name>'"),
+        ("basic", "auth_style must be 'bearer', 'x-api-key' or 'header:<Name>'"),
         ("header:", "HTTP token"),
         ("header:X Key", "HTTP token"),
         ("header:X-Key\r\nEvil: 1", "HTTP token"),
         ("header:X:Y", "HTTP token"),
-        ("header:Host", "managed by the proxy"),
-        ("header:Transfer-Encoding", "managed by the proxy"),
-        ("header:content-length", "managed by the proxy"),
+        ("header:Host", "the key proxy sets or drops that header"),
+        ("header:Transfer-Encoding", "the key proxy sets or drops that header"),
+        ("header:content-length", "the key proxy sets or drops that header"),
     ],
 )
 def test_auth_style_invalid(style: str, rule: str) -> None:
