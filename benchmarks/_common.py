@@ -76,6 +76,7 @@ def egress_sandbox(
         egress=policy,
         egress_network=upstream.network_name,
         extra_ca_pem=upstream.ca_pem,
+        egress_pins=upstream.pins,
     )
     return Sandbox.create(config, client)
 

@@ -75,6 +75,7 @@ class ExecOutput:
     exit_code: int
     stdout: bytes
     stderr: bytes
+    dropped: tuple[int, int] = (0, 0)  # bytes of stdout, stderr past the output cap
 
 
 def _frames(sock: Any) -> Iterator[tuple[int, bytes]]:
@@ -109,8 +110,13 @@ def exec_start(
     user: str,
     env: Mapping[str, str] | None = None,
     workdir: str | None = None,
+    timeout: float | None = None,
 ) -> tuple[str, socket.socket]:
-    """Start an exec with stdin attached; returns its id and the raw duplex socket."""
+    """Start an exec with stdin attached; returns its id and the raw duplex socket.
+
+    ``timeout`` bounds each wait for output on the socket (None: wait as long as the
+    command runs; the client's own default would end a silent command after 120 s).
+    """
     api = client.api
     exec_id = api.exec_create(
         container_id,
@@ -123,7 +129,51 @@ def exec_start(
         workdir=workdir,
     )["Id"]
     sock = raw_socket(api.exec_start(exec_id, socket=True))
+    sock.settimeout(timeout)
     return exec_id, sock
+
+
+def attach(client: Any, container_id: str) -> socket.socket:
+    """The main process's stdin, stdout and stderr as one raw socket (attach before start).
+
+    Containers made with ``stdin_open`` and ``stdin_once`` see end-of-file on stdin when
+    this socket closes, also when the process holding it is SIGKILLed: that is how a
+    sandbox notices its owner is gone.
+    """
+    params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+    sock = raw_socket(client.api.attach_socket(container_id, params=params))
+    sock.settimeout(None)
+    return sock
+
+
+def read_ready(sock: socket.socket, timeout: float = 30.0) -> dict[str, Any]:
+    """The first stdout line of a daemon as JSON; {} when none comes within ``timeout``.
+
+    A line with ``"ready": false`` is returned as it is, so its ``error`` reaches the user.
+    """
+    line = b""
+    old = sock.gettimeout()
+    try:
+        sock.settimeout(timeout)
+        for stream, data in _frames(sock):
+            if stream == 1:
+                line += data
+                if b"\n" in line:
+                    break
+    except OSError:
+        pass
+    finally:
+        sock.settimeout(old)
+    try:
+        ready = json.loads(line.split(b"\n", 1)[0])
+    except ValueError:
+        return {}
+    return dict(ready) if isinstance(ready, dict) else {}
+
+
+# Output kept per stream of one command; the rest is counted, not held (a command that
+# prints gigabytes must not grow pytest by gigabytes).
+MAX_OUTPUT = 16 * 1024 * 1024
 
 
 def exec_run(
@@ -135,19 +185,31 @@ def exec_run(
     stdin: bytes | None = None,
     env: Mapping[str, str] | None = None,
     workdir: str | None = None,
+    timeout: float | None = 120.0,
+    max_output: int = MAX_OUTPUT,
 ) -> ExecOutput:
-    """Run ``cmd`` to completion, feeding ``stdin`` if given; one round trip for output."""
-    exec_id, sock = exec_start(client, container_id, cmd, user=user, env=env, workdir=workdir)
+    """Run ``cmd`` to completion, feeding ``stdin`` if given; one round trip for output.
+
+    Each stream keeps its first ``max_output`` bytes; ``dropped`` counts the rest.
+    """
+    exec_id, sock = exec_start(
+        client, container_id, cmd, user=user, env=env, workdir=workdir, timeout=timeout
+    )
     out, err = bytearray(), bytearray()
+    dropped = [0, 0]
     try:
         if stdin:
             sock.sendall(stdin)
         sock.shutdown(socket.SHUT_WR)
         for stream, data in _frames(sock):
-            (err if stream == 2 else out).extend(data)
+            buf, i = (err, 1) if stream == 2 else (out, 0)
+            room = max_output - len(buf)
+            if room > 0:
+                buf.extend(data[:room])
+            dropped[i] += max(0, len(data) - max(room, 0))
     finally:
         sock.close()
-    return ExecOutput(exec_exit_code(client, exec_id), bytes(out), bytes(err))
+    return ExecOutput(exec_exit_code(client, exec_id), bytes(out), bytes(err), tuple(dropped))
 
 
 def exec_exit_code(client: Any, exec_id: str) -> int:
@@ -242,9 +304,19 @@ def tar_directory(
 # then whatever the tool itself reads. Nothing needs writing into the container first
 # (an archive upload costs the engine a process start), and -I -S keep the image's
 # site-packages and PYTHON* variables out of a root process.
-_BOOT = (
+BOOT = (
     "import sys;b=sys.stdin.buffer;n=int(b.readline());s=b.read(n);sys.argv=sys.argv[1:];"
     "exec(compile(s,sys.argv[0],'exec'),{'__name__':'__main__'})"
+)
+
+# The standard directories, in PATH order. A root step names its interpreter by absolute
+# path: it looks in these itself (before any user code has run) instead of through PATH.
+SYSTEM_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+_FIND_PYTHON = (
+    f"for d in {' '.join(SYSTEM_DIRS)}; do "
+    'if [ -x "$d/python3" ]; then exec "$d/python3" -I -S -c "$0" "$@"; fi; done; '
+    'echo "agentbox: no python3 in the image (looked in the standard directories)" >&2; '
+    "exit 127"
 )
 
 
@@ -254,10 +326,18 @@ def tool_source(name: str) -> bytes:
     return (Path(__file__).parent / name).read_bytes()
 
 
-def tool_command(name: str, *args: str) -> tuple[list[str], bytes]:
-    """(argv, stdin prefix) that run ``pytest_agentbox/<name>`` in a container's python3."""
+def tool_command(name: str, *args: str, python: str | None = None) -> tuple[list[str], bytes]:
+    """(argv, stdin prefix) that run ``pytest_agentbox/<name>`` in a container's python3.
+
+    ``python`` is the interpreter's absolute path; without it ``/bin/sh`` looks for
+    ``python3`` in the standard directories (no PATH lookup).
+    """
     source = tool_source(name)
-    return ["python3", "-I", "-S", "-c", _BOOT, name, *args], b"%d\n%s" % (len(source), source)
+    if python:
+        argv = [python, "-I", "-S", "-c", BOOT, name, *args]
+    else:
+        argv = ["/bin/sh", "-c", _FIND_PYTHON, BOOT, name, *args]
+    return argv, b"%d\n%s" % (len(source), source)
 
 
 def start_daemon(
@@ -271,25 +351,67 @@ def start_daemon(
     """Start a root tool that reads one JSON config line and answers with one ready line.
 
     Secrets in ``config`` travel only over the exec's stdin, never argv or env. The
-    tool keeps running after we detach; an empty dict means it never said it was ready.
+    tool keeps running after we detach. Returns the ready line ({} if none came).
     ``stdin_prefix`` goes first (the tool's source, see :func:`tool_command`).
     """
-    _exec_id, sock = exec_start(client, container_id, cmd, user="0")
-    line = b""
+    _exec_id, sock = exec_start(client, container_id, cmd, user="0", timeout=30)
     try:
-        sock.settimeout(30)
         sock.sendall(stdin_prefix + json.dumps(config).encode() + b"\n")
-        for stream, data in _frames(sock):
-            if stream == 1:
-                line += data
-                if b"\n" in line:
-                    break
+        return read_ready(sock)
     except OSError:
-        pass
+        return {}
     finally:
         sock.close()
+
+
+def read_archive_file(container: Any, path: str, limit: int = 4 * 1024 * 1024) -> bytes | None:
+    """One regular file's first ``limit`` bytes, read through the engine's archive API.
+
+    No process runs in the container for it (nothing there can answer in its place),
+    and the stream is closed once ``limit`` bytes are in. None when there is no file.
+    """
+    from docker.errors import NotFound
+
     try:
-        ready = json.loads(line.split(b"\n", 1)[0])
-    except ValueError:
-        return {}
-    return dict(ready) if isinstance(ready, dict) and ready.get("ready") else {}
+        stream, _ = container.get_archive(path, chunk_size=65536)
+    except NotFound:
+        return None
+    # Enough for the file's headers (PAX ones included) and its first ``limit`` bytes.
+    raw = _BoundedReader(stream, limit + 64 * 1024)
+    try:
+        with tarfile.open(fileobj=raw, mode="r|") as tar:
+            member = tar.next()
+            if member is None or not member.isreg():
+                return None
+            fh = tar.extractfile(member)
+            return fh.read(min(member.size, limit)) if fh is not None else None
+    except (tarfile.TarError, EOFError):
+        return None
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+class _BoundedReader(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks that ends after ``limit`` bytes."""
+
+    def __init__(self, chunks: Iterable[bytes], limit: int) -> None:
+        self._chunks = iter(chunks)
+        self._buf = b""
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf and self._left > 0:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                return 0
+            self._buf = chunk[: self._left]
+            self._left -= len(self._buf)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n

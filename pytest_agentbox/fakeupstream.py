@@ -40,10 +40,24 @@ class FakeUpstream:
         self.ca_pem = self._ca.cert_pem.bytes().decode()
         self.network: Any = None
         self.container: Any = None
+        self._address: str | None = None
 
     @property
     def network_name(self) -> str:
         return str(self.network.name)
+
+    @property
+    def pins(self) -> dict[str, str]:
+        """Each of its domain names -> its address, for the egress proxy to use without DNS.
+
+        Its address is private (an internal Docker network), which the egress proxy refuses
+        after any DNS answer; an exact pin is the one way in, and it opens nothing else.
+        """
+        if self._address is None:
+            self.container.reload()
+            nets = self.container.attrs["NetworkSettings"]["Networks"]
+            self._address = str(nets[self.network.name]["IPAddress"])
+        return {d: self._address for d in self.domains}
 
     def start(self) -> FakeUpstream:
         """Create the internal network and the server; returns self."""

@@ -14,7 +14,11 @@ Steps, in order:
    (the host scans each image once per process and passes the list to later sandboxes),
    then read each file back and report anything left;
 3. remount ``/proc`` with ``hidepid=2`` and read ``/proc/mounts`` back to verify it;
-4. write the CA bundle when extra CAs are given (the fake upstream's test CA).
+4. write the CA bundle when extra CAs are given (the fake upstream's test CA);
+5. report the interpreter every later step runs (absolute, and only if root owns it and
+   every directory above it, so nothing but root can swap it).
+
+Every program it runs is named by absolute path, never found through PATH.
 """
 
 from __future__ import annotations
@@ -27,6 +31,28 @@ import sys
 
 ESCALATION_TOOLS = ("sudo", "sudoedit", "su", "doas", "pkexec", "runuser", "newgrp", "sg")
 BIN_DIRS = ("/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
+
+
+def _program(name: str) -> str:
+    """The first ``name`` in the standard directories (absolute), or "" when there is none."""
+    for d in ("/usr/bin", "/bin", "/usr/sbin", "/sbin"):
+        if os.access(os.path.join(d, name), os.X_OK):
+            return os.path.join(d, name)
+    return ""
+
+
+def _root_only(path: str) -> str:
+    """Why ``path`` could be swapped by someone other than root ("" when it cannot)."""
+    path = os.path.realpath(path)
+    while True:
+        st = os.lstat(path)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return f"{path} is owned by uid {st.st_uid} with mode {stat.filemode(st.st_mode)}"
+        if path == "/":
+            return ""
+        path = os.path.dirname(path)
+
+
 SKIP_TREES = ("/proc", "/sys", "/dev")
 
 
@@ -35,7 +61,7 @@ def _ensure_user(name: str, uid: int) -> dict:
     with open("/etc/passwd", encoding="utf-8") as fh:
         for line in fh:
             parts = line.rstrip("\n").split(":")
-            if len(parts) >= 7 and parts[0] == name:
+            if len(parts) >= 7 and parts[0] == name:  # uid 0 is refused by check()
                 return {"name": name, "uid": int(parts[2]), "gid": int(parts[3]), "home": parts[5]}
             if len(parts) >= 3 and parts[2].isdigit():
                 taken.add(int(parts[2]))
@@ -54,15 +80,16 @@ def _ensure_user(name: str, uid: int) -> dict:
     return {"name": name, "uid": uid, "gid": uid, "home": home, "created": True}
 
 
-def _privileged_files() -> list:
-    """Every setuid/setgid regular file on the root file system (not following links)."""
-    try:
+def _privileged_files(roots: list) -> list:
+    """Every setuid/setgid regular file on the root file system and the image's volumes."""
+    find = _program("find")
+    if find:
         # find(1) walks ~4x faster than Python; POSIX -perm forms so busybox works too.
         # Its exit status is ignored: unreadable dirs (a 0700 home) are skipped either way.
         out = subprocess.run(
             [
-                "find",
-                "/",
+                find,
+                *roots,
                 "-xdev",
                 "-type",
                 "f",
@@ -78,26 +105,25 @@ def _privileged_files() -> list:
             capture_output=True,
         ).stdout
         return [p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p]
-    except OSError:  # no find in this image
-        pass
-    root_dev = os.lstat("/").st_dev
     found = []
-    for dirpath, dirnames, filenames in os.walk("/"):
-        if dirpath in SKIP_TREES:
-            dirnames[:] = []
-            continue
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(path)
-            except OSError:
+    for root in roots:
+        root_dev = os.lstat(root).st_dev
+        for dirpath, dirnames, filenames in os.walk(root):
+            if dirpath in SKIP_TREES:
+                dirnames[:] = []
                 continue
-            if st.st_dev == root_dev and stat.S_ISREG(st.st_mode) and st.st_mode & 0o6000:
-                found.append(path)
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if st.st_dev == root_dev and stat.S_ISREG(st.st_mode) and st.st_mode & 0o6000:
+                    found.append(path)
     return found
 
 
-def _strip_privileges(known: list | None) -> dict:
+def _strip_privileges(known: list | None, volumes: list) -> dict:
     removed = []
     for d in BIN_DIRS:
         for tool in ESCALATION_TOOLS:
@@ -110,7 +136,8 @@ def _strip_privileges(known: list | None) -> dict:
                     pass
     # ``known`` is this image's earlier scan: a fresh container's root file system is its
     # image's, and nothing has run in it before this script, so the scan need not repeat.
-    found = _privileged_files() if known is None else [p for p in known if os.path.lexists(p)]
+    roots = ["/", *[v for v in volumes if os.path.isdir(v) and not os.path.islink(v)]]
+    found = _privileged_files(roots) if known is None else [p for p in known if os.path.lexists(p)]
     stripped, left = [], []
     for path in found:
         try:
@@ -125,15 +152,24 @@ def _strip_privileges(known: list | None) -> dict:
                 left.append(path)
         except OSError:
             pass
-    return {"removed": removed, "found": found, "stripped": stripped, "left": left}
+    in_volumes = [p for p in stripped if any(p.startswith(v.rstrip("/") + "/") for v in volumes)]
+    return {
+        "removed": removed,
+        "found": found,
+        "scanned": known is None,
+        "stripped": stripped,
+        "left": left,
+        "volume_setid": in_volumes,
+    }
 
 
 def _hidepid() -> dict:
+    mount = _program("mount")
     try:
-        proc = subprocess.run(["mount", "-o", "remount,hidepid=2", "/proc"], capture_output=True)
+        proc = subprocess.run([mount, "-o", "remount,hidepid=2", "/proc"], capture_output=True)
         error = proc.stderr.decode("utf-8", "replace").strip()
     except OSError as exc:  # no mount binary in this image
-        error = str(exc)
+        error = f"no mount program ({exc})"
     with open("/proc/mounts", encoding="utf-8") as fh:
         opts = [line.split()[3] for line in fh if line.split()[1:2] == ["/proc"]]
     # The kernel reports hidepid=2 as "invisible" since 5.8.
@@ -190,10 +226,13 @@ def main() -> int:
     opts = json.loads(sys.stdin.readline())  # after this file's own source, see the docstring
     result = {"user": _ensure_user(opts["user"], int(opts["uid"]))}
     result.update(_make_dirs(opts, result["user"]))
-    result.update(_strip_privileges(opts.get("setid")))
+    result.update(_strip_privileges(opts.get("setid"), list(opts.get("volumes") or [])))
     result.update(_hidepid())
     if opts.get("ca"):
         result.update(_install_ca(opts["ca"]))
+    result["tools_dir"] = opts["tools_dir"]
+    result["python"] = os.path.realpath(sys.executable)
+    result["python_unsafe"] = _root_only(sys.executable)
     print(json.dumps(result))
     return 0
 
@@ -205,7 +244,7 @@ if __name__ == "__main__":
 # ---- host side -------------------------------------------------------------------
 
 
-def check(result: dict, *, keys_in_use: bool) -> list[str]:
+def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
     """Judge the in-sandbox report; returns warnings, raises when the sandbox may not be used.
 
     Fail closed: a setuid/setgid file that could not be stripped always aborts; a
@@ -214,11 +253,31 @@ def check(result: dict, *, keys_in_use: bool) -> list[str]:
     """
     from .errors import HardeningError
 
+    user = result.get("user") or {}
+    if user.get("uid") == 0:
+        raise HardeningError(
+            f"image {image!r}: the sandbox user {user.get('name')!r} has uid 0 (root), so "
+            "user code would run as root. Use another user name (SandboxConfig.user) or an "
+            "image whose user is not root."
+        )
+    if result.get("python_unsafe"):
+        raise HardeningError(
+            f"image {image!r}: its python3 could be replaced by a non-root user "
+            f"({result['python_unsafe']}); every root step and the seccomp filter of user "
+            "code start through it. Use an image whose python3 and its directories are "
+            "root-owned and not group- or world-writable."
+        )
     if result.get("left"):
         raise HardeningError(
             "sandbox hardening failed: setuid/setgid files remain after stripping: "
             + ", ".join(result["left"][:10])
             + ". Use an image whose root file system is writable."
+        )
+    warnings = []
+    if result.get("volume_setid"):
+        warnings.append(
+            "setuid/setgid bits stripped from files in the image's volumes: "
+            + ", ".join(result["volume_setid"][:10])
         )
     if not result.get("hidepid"):
         why = result.get("hidepid_error") or "unknown reason"
@@ -229,5 +288,7 @@ def check(result: dict, *, keys_in_use: bool) -> list[str]:
                 "sandbox needs CAP_SYS_ADMIN for its root setup step and an engine that "
                 "allows the remount (no AppArmor profile denying mount)."
             )
-        return [f"/proc is not mounted with hidepid=2 ({why}); no keys are in use, continuing"]
-    return []
+        warnings.append(
+            f"/proc is not mounted with hidepid=2 ({why}); no keys are in use, continuing"
+        )
+    return warnings

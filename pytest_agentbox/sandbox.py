@@ -8,9 +8,15 @@ Usable without pytest::
 
 Setup order (any failure removes everything made so far): container (non-root user for
 all user code, no-new-privileges, capabilities dropped, limits, allowlisted env, owner
-labels) -> start -> hardening as root -> agent code and persisted state -> egress
-forwarder and key proxy as root -> ``setup_command`` as the user. When traffic may
-leave, the egress sidecar starts in a thread meanwhile; the forwarder waits for it.
+labels) -> start -> hardening as root -> agent code and persisted state -> the root
+forwarder to the sidecar's sockets -> ``setup_command`` as the user. When traffic may
+leave or keys are in use, the sidecar (egress proxy and key proxy, in a container of
+its own) starts in a thread meanwhile; the forwarder waits for it.
+
+Once any user code has run, nothing runs as root in the agent's container again: logs
+come from the sidecar through the engine's archive API, snapshots through the same API,
+and uploads are unpacked by the agent user itself. Every user process starts through
+``runner.py``, which first installs ``userfilter.py``'s seccomp filter.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,26 +63,18 @@ FORWARDED_ENV = (
 # own. User processes never hold them: non-root + no-new-privileges clears them.
 HARDENING_CAPS = ("SYS_ADMIN", "CHOWN", "FOWNER")
 
-_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_PATH = ":".join(engine.SYSTEM_DIRS)
 
-# Runs each user command in its own session and kills the whole group on timeout, so a
-# timed-out command leaves nothing behind. Passed with -c: no file to plant or replace.
-# A blocking wait plus SIGALRM sees the command's end at once (Popen.wait with a timeout
-# polls, up to 50 ms late on every command).
-_RUNNER = (
-    "import os,signal,subprocess,sys\n"
-    "t=float(sys.argv[1]);p=subprocess.Popen(sys.argv[2:],start_new_session=True);k=[]\n"
-    "def kill(*_):\n"
-    " k.append(1)\n"
-    " try:os.killpg(p.pid,signal.SIGKILL)\n"
-    " except OSError:pass\n"
-    "signal.signal(signal.SIGALRM,kill);signal.setitimer(signal.ITIMER_REAL,max(t,1e-3))\n"
-    "r=p.wait();signal.setitimer(signal.ITIMER_REAL,0)\n"
-    "if k:\n"
-    " sys.stderr.write('agentbox: command timed out after %gs and was killed\\n'%t)\n"
-    " sys.exit(124)\n"
-    "sys.exit(r)\n"
-)
+# The container's main process: it reads its stdin (the owner's attach socket) until
+# end-of-file, so the container stops as soon as the owning process is gone. Absolute
+# path, shell builtins only.
+_MAIN = ["/bin/sh", "-c", "while read -r _; do :; done"]
+
+
+def _runner_source() -> str:
+    """The user-command runner, behind the seccomp filter it installs first."""
+    return (engine.tool_source("userfilter.py") + b"\n" + engine.tool_source("runner.py")).decode()
+
 
 # Sandboxes of this process that are not yet removed: swept at session end and exit,
 # so Ctrl-C or an error between steps never leaves a container running.
@@ -98,6 +96,8 @@ class CommandResult:
     stderr: str
     duration: float
     timed_out: bool = False
+    stdout_dropped: int = 0  # bytes printed past the output cap (counted, not kept)
+    stderr_dropped: int = 0
 
     @property
     def ok(self) -> bool:
@@ -120,6 +120,8 @@ class SandboxConfig:
     keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     egress: Any = None  # egress.EgressPolicy, or None for no network at all
     egress_network: str = "bridge"
+    # Exact host name -> address the sidecar connects to without DNS (the test fakes).
+    egress_pins: Mapping[str, str] = field(default_factory=dict)
     extra_ca_pem: str | None = None
     state_scope: str | None = None
     state_store: Any = None  # state.StateStore
@@ -144,8 +146,12 @@ class Sandbox:
         self.config = config
         self._client = client
         self.container: Any = None
-        self.sidecar: Any = None
+        self.sidecar: Any = None  # sidecar.Sidecar
         self.volume: Any = None
+        self._channel: Any = None  # the owner's attach socket to the main process
+        self._python = ""  # the image's python3, absolute, checked root-owned by hardening
+        self._user_code_ran = False
+        self.hardening: dict[str, Any] = {}
         self.user: dict[str, Any] = {"name": config.user, "uid": config.uid, "gid": config.uid}
         self.home = f"/home/{config.user}"
         self.workdir = f"{self.home}/app"
@@ -158,6 +164,7 @@ class Sandbox:
         self._env: dict[str, str] = {}
         self._tools_dir = f"/run/agentbox-{paths.token()}"
         self._egress_dir = f"/run/agentbox-egress-{paths.token()}"
+        self._token = secrets.token_hex(16)  # the agent's 128-bit session token
         self._ca_bundle = f"{self._tools_dir}-ca.pem"
         self._closed = False
         self.setup_seconds = 0.0
@@ -200,20 +207,42 @@ class Sandbox:
         finally:
             self.steps.append(Step(name, time.monotonic() - start))
 
+    def _routes(self) -> list[dict[str, Any]]:
+        """The key proxy's routes, real keys included (for the sidecar's stdin only)."""
+        cfg = self.config
+        return [
+            {"name": r.provider, "domain": r.domain, "auth_style": r.auth_style,
+             "key": cfg.keys[r.provider]}
+            for r in cfg.key_routes
+            if r.provider in cfg.keys
+        ]  # fmt: skip
+
+    def _agent_allow(self) -> list[str]:
+        """Hosts the agent itself may reach through the egress proxy (not the key domains:
+        the agent talks to a provider only through the key proxy)."""
+        policy = self.config.egress
+        if policy is None or policy.unrestricted:
+            return []
+        return list(policy.agent_allowlist())
+
     def _setup(self) -> None:
         cfg = self.config
         engine.ensure_image(self._client, cfg.image)
         owner = paths.Owner.current(cfg.run_id)
-        filtering = cfg.egress is not None and cfg.egress.enabled and not cfg.egress.unrestricted
-        if filtering:
+        routes, agent_allow = self._routes(), self._agent_allow()
+        if routes or agent_allow:
             from . import sidecar
 
             self.volume = sidecar.create_volume(self._client, owner)
-        # The sidecar needs nothing from the sandbox but the volume: its ~0.5 s of engine
-        # work overlaps the sandbox's own. Leaving the block waits for it, whatever
-        # happened, so close() always sees it.
+        # The sidecar needs nothing from the sandbox but the volume: its engine work
+        # overlaps the sandbox's own. Leaving the block waits for it, whatever happened,
+        # so close() always sees it.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            sidecar_started = pool.submit(self._start_sidecar, owner) if filtering else None
+            sidecar_started = (
+                pool.submit(self._start_sidecar, owner, agent_allow, routes)
+                if self.volume is not None
+                else None
+            )
             with self._step("create container"):
                 self._create_container(owner)
             with self._step("harden"):
@@ -229,40 +258,47 @@ class Sandbox:
         self._env = self._base_env()
         if cfg.extra_ca_pem:
             self._use_ca_bundle()
-        if filtering:
-            with self._step("egress forwarder"):
-                self._start_forwarder()
-        if cfg.key_routes:
-            with self._step("key proxy"):
-                self._start_key_proxy(filtering)
+        if self.sidecar is not None:
+            with self._step("forwarder"):
+                self._start_forwarder(bool(agent_allow), routes)
         if cfg.setup_command:
             with self._step("setup_command"):
                 self._run_setup_command(cfg.setup_command)
 
     def _harden(self) -> dict[str, Any]:
         image_id = str(self.container.attrs.get("Image", ""))
-        daemons = ["keyproxy.py"] if self.config.key_routes else []
-        if self.volume is not None:
-            daemons.append("egressproxy.py")
+        # Image VOLUMEs are file systems of their own, filled from the image: scanned too.
+        volumes = [
+            m["Destination"]
+            for m in self.container.attrs.get("Mounts") or []
+            if m.get("Type") == "volume" and m.get("Destination") != self._egress_dir
+        ]
         opts = {
             "user": self.config.user,
             "uid": self.config.uid,
             "tools_dir": self._tools_dir,
             # Written by root into the 0700 directory: no archive upload (each costs the
-            # engine a process start), and the agent can neither read nor replace them.
-            "tools": {name: engine.tool_source(name).decode() for name in daemons},
+            # engine a process start), and the agent can neither read nor replace it.
+            "tools": {"egressproxy.py": engine.tool_source("egressproxy.py").decode()}
+            if self.volume is not None
+            else {},
             "app": "app" if self.config.code_dir is None else None,
             "setid": _SETID_SCANS.get(image_id),
+            "volumes": volumes,
             "ca": {"path": self._ca_bundle, "pem": self.config.extra_ca_pem}
             if self.config.extra_ca_pem
             else None,
         }
         argv, source = engine.tool_command("hardening.py")
         report = self._root_json(argv, stdin=source + json.dumps(opts).encode() + b"\n")
+        self.hardening = report
+        self.warnings += hardening.check(
+            report, keys_in_use=bool(self.config.key_routes), image=self.config.image
+        )
         self.user = report["user"]
         self.home = self.user["home"]
         self.workdir = f"{self.home}/app"
-        self.warnings += hardening.check(report, keys_in_use=bool(self.config.key_routes))
+        self._python = str(report["python"])
         if image_id and "found" in report:
             _SETID_SCANS.setdefault(image_id, list(report["found"]))
         return report
@@ -276,7 +312,7 @@ class Sandbox:
             volumes[self.volume.name] = {"bind": self._egress_dir, "mode": "rw"}
         self.container = self._client.containers.create(
             cfg.image,
-            command=["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600; done"],
+            command=_MAIN,
             name=paths.unique_name("sandbox"),
             hostname="agentbox",
             user="0",
@@ -292,9 +328,12 @@ class Sandbox:
             nano_cpus=int(res.cpus * 1e9),
             pids_limit=res.pids,
             volumes=volumes,
-            detach=True,
+            # With detach=False the SDK sets StdinOnce: stdin ends when our attach does.
+            stdin_open=True,
+            detach=False,
         )
         self._register()
+        self._channel = engine.attach(self._client, self.container.id)
         self.container.start()
 
     def _register(self) -> None:
@@ -337,6 +376,10 @@ class Sandbox:
     # ---- root steps --------------------------------------------------------------
 
     def _root_exec(self, cmd: list[str], stdin: bytes | None = None) -> engine.ExecOutput:
+        # Root never acts on what the agent could have touched: once user code has run,
+        # everything in this container could be the agent's (binaries, files, pids).
+        if self._user_code_ran:
+            raise AgentboxError("refusing to run as root in the sandbox after user code ran")
         return engine.exec_run(self._client, self.container.id, cmd, user="0", stdin=stdin)
 
     def _root_json(self, cmd: list[str], stdin: bytes | None = None) -> dict[str, Any]:
@@ -357,63 +400,45 @@ class Sandbox:
                     "NODE_EXTRA_CA_CERTS"):  # fmt: skip
             self._env[var] = self._ca_bundle
 
-    def _start_root_daemon(self, script: str, config: dict[str, Any], *args: str) -> dict[str, Any]:
-        cmd = ["python3", "-I", "-S", f"{self._tools_dir}/{script}", *args]
-        ready = engine.start_daemon(self._client, self.container.id, cmd, config)
-        if not ready:
-            raise KeyProxyError(f"the sandbox's {script} did not start (no ready line)")
-        return ready
+    def _start_sidecar(self, owner: paths.Owner, agent_allow: list[str], routes: list) -> None:
+        from . import sidecar
 
-    def _start_key_proxy(self, via_egress: bool) -> None:
-        cfg = self.config
-        token = secrets.token_hex(16)  # 128-bit session token
-        routes = [
-            {"name": r.provider, "domain": r.domain, "auth_style": r.auth_style,
-             "key": cfg.keys[r.provider]}
-            for r in cfg.key_routes
-            if r.provider in cfg.keys
-        ]  # fmt: skip
-        self._proxy_log = f"{self._tools_dir}/keyproxy-requests.jsonl"
-        ready = self._start_root_daemon(
-            "keyproxy.py",
-            {
-                "token": token,
-                "routes": routes,
-                "upstream_port": 443,
-                "upstream_proxy": {"host": "127.0.0.1", "port": self._forward_port}
-                if via_egress
-                else None,
-                "ca_pem": cfg.extra_ca_pem,
-                "log_path": self._proxy_log,
-            },
-        )
-        self.proxy_ports = {str(k): int(v) for k, v in ready["ports"].items()}
-        for r in cfg.key_routes:
+        with self._step("sidecar (parallel)"):
+            self.sidecar = sidecar.start(
+                self._client, self.config, owner, self.volume,
+                agent_allow=agent_allow, routes=routes, token=self._token,
+            )  # fmt: skip
+
+    def _start_forwarder(self, egress: bool, routes: list[dict[str, Any]]) -> None:
+        """The root forwarder: 127.0.0.1 ports relayed to the sidecar's root-only sockets.
+
+        It binds before any user code runs, so nothing the agent starts can take its
+        ports; it holds no secret (the keys stay in the sidecar).
+        """
+        from . import sidecar
+
+        socks = [{"name": "egress", "unix": f"{self._egress_dir}/egress.sock"}] if egress else []
+        for r in routes:
+            path = self.sidecar.key_socket(r["name"]).replace(sidecar.SOCKET_DIR, self._egress_dir)
+            socks.append({"name": "key:" + r["name"], "unix": path})
+        cmd = [self._python, "-I", "-S", f"{self._tools_dir}/egressproxy.py", "forward"]
+        ready = engine.start_daemon(self._client, self.container.id, cmd, {"routes": socks})
+        if not ready.get("ready"):
+            why = ready.get("error") or "no ready line"
+            raise KeyProxyError(f"the sandbox's forwarder did not start: {why}")
+        ports = {str(k): int(v) for k, v in ready["ports"].items()}
+        if egress:
+            url = f"http://127.0.0.1:{ports['egress']}"
+            for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+                self._env[var] = url
+            self._env["NO_PROXY"] = self._env["no_proxy"] = "127.0.0.1,localhost"
+        self.proxy_ports = {k[4:]: v for k, v in ports.items() if k.startswith("key:")}
+        for r in self.config.key_routes:
             if r.provider in self.proxy_ports:
-                self._env[r.env_var] = token
+                self._env[r.env_var] = self._token
                 self._env[r.base_url_env] = (
                     f"http://127.0.0.1:{self.proxy_ports[r.provider]}{r.base_path}"
                 )
-
-    # ---- egress ------------------------------------------------------------------
-
-    def _start_sidecar(self, owner: paths.Owner) -> None:
-        from . import sidecar
-
-        with self._step("egress sidecar (parallel)"):
-            self.sidecar = sidecar.start(self._client, self.config, owner, self.volume)
-
-    def _start_forwarder(self) -> None:
-        ready = self._start_root_daemon(
-            "egressproxy.py",
-            {"listen": ["127.0.0.1", 0], "unix": f"{self._egress_dir}/egress.sock"},
-            "forward",
-        )
-        self._forward_port = int(ready["port"])
-        url = f"http://127.0.0.1:{self._forward_port}"
-        for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-            self._env[var] = url
-        self._env["NO_PROXY"] = self._env["no_proxy"] = "127.0.0.1,localhost"
 
     # ---- code and state ------------------------------------------------------------
 
@@ -448,25 +473,17 @@ class Sandbox:
             self.warnings.append(f"state restore dropped: {report.summary()}")
 
     def _snapshot_state(self) -> None:
-        from docker.errors import NotFound
-
         from . import state
 
-        def sources() -> Iterator[Any]:
-            # One archive at a time: the engine holds the container's lock while an
-            # archive stream is open, so asking for the next one first would deadlock.
-            for name in state.ALLOWED_DIRS:
-                try:
-                    stream, _ = self.container.get_archive(f"{self.home}/{name}")
-                except NotFound:
-                    continue
-                yield stream
-
-        limits = self.config.state_limits or state.Limits()
-        report = self.config.state_store.save_from(
-            self.config.state_scope, sources(), limits=limits,
-            uid=self.user["uid"], gid=self.user["gid"],
-        )  # fmt: skip
+        try:
+            report = state.snapshot_container(
+                self.container, self.home, self.config.state_store, self.config.state_scope,
+                limits=self.config.state_limits or state.Limits(),
+                uid=self.user["uid"], gid=self.user["gid"],
+            )  # fmt: skip
+        except Exception as exc:
+            self.state_report = f"not saved, previous state kept: {exc}"
+            raise
         self.state_report = report.summary()
 
     def _run_setup_command(self, command: str) -> None:
@@ -489,24 +506,44 @@ class Sandbox:
             merged.update(env)
         return merged
 
+    def _user_argv(self, mode: str, *args: str) -> list[str]:
+        """argv of one runner call: the only way anything runs as the user."""
+        # Absolute interpreter checked by hardening (root-owned, in root-owned dirs): a
+        # planted python3 could otherwise start the agent without the seccomp filter.
+        return [self._python, "-I", "-S", "-c", _runner_source(), mode, *args]
+
+    def _user_exec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> engine.ExecOutput:
+        self._user_code_ran = True
+        # The runner enforces the command's own limit; the socket only guards against an
+        # engine that never answers (a silent command may run as long as its limit).
+        return engine.exec_run(
+            self._client, self.container.id, argv, user=self.user_spec,
+            env=self._user_env(env), workdir=cwd or self.workdir, stdin=stdin,
+            timeout=None if timeout is None else timeout + 60,
+        )  # fmt: skip
+
     def _user_command(
         self,
         command: str | Sequence[str],
         *,
         timeout: float | None,
-        env: Mapping[str, str] | None,
-        cwd: str | None,
-    ) -> tuple[str, list[str], dict[str, Any]]:
-        """(display text, argv under the timeout runner, exec options) for a user command."""
+    ) -> tuple[str, list[str], float]:
+        """(display text, runner argv, time limit) for a user command."""
         if isinstance(command, str):
             text, argv = command, ["/bin/sh", "-c", command]
         else:
             argv = [str(a) for a in command]
             text = shlex.join(argv)
         limit = self.config.timeout if timeout is None else timeout
-        kwargs = {"user": self.user_spec, "env": self._user_env(env)}
-        kwargs["workdir"] = cwd or self.workdir
-        return text, ["python3", "-I", "-S", "-c", _RUNNER, str(limit), *argv], kwargs
+        return text, self._user_argv("run", str(limit), *argv), limit
 
     def run(
         self,
@@ -519,19 +556,28 @@ class Sandbox:
         """Run ``command`` (a shell string or an argv list) as the unprivileged user.
 
         A command still running after ``timeout`` seconds (default: the sandbox's) is
-        killed with its whole process group; the result then has ``timed_out`` set and
-        exit code 124.
+        killed with every process it started; the result then has ``timed_out`` set and
+        exit code 124. Each stream keeps its first 16 MiB; the rest is counted in
+        ``stdout_dropped`` / ``stderr_dropped`` and marked at the end of the text.
         """
-        text, cmd, kwargs = self._user_command(command, timeout=timeout, env=env, cwd=cwd)
+        text, cmd, limit = self._user_command(command, timeout=timeout)
         start = time.monotonic()
-        out = engine.exec_run(self._client, self.container.id, cmd, **kwargs)
+        out = self._user_exec(cmd, env=env, cwd=cwd, timeout=limit)
+        texts = [b.decode("utf-8", "replace") for b in (out.stdout, out.stderr)]
+        for i, n in enumerate(out.dropped):
+            if n:
+                name = ("stdout", "stderr")[i]
+                texts[i] += f"\n[agentbox: {n} more bytes of {name} dropped past the output cap]\n"
+        stdout, stderr = texts
         result = CommandResult(
             command=text,
             exit_code=out.exit_code,
-            stdout=out.stdout.decode("utf-8", "replace"),
-            stderr=out.stderr.decode("utf-8", "replace"),
+            stdout=stdout,
+            stderr=stderr,
             duration=time.monotonic() - start,
             timed_out=out.exit_code == 124 and b"agentbox: command timed out" in out.stderr,
+            stdout_dropped=out.dropped[0],
+            stderr_dropped=out.dropped[1],
         )
         self.history.append(result)
         return result
@@ -545,26 +591,24 @@ class Sandbox:
         timeout: float | None = None,
     ) -> Spawned:
         """Start a long-running process that speaks newline-delimited JSON on stdin/stdout."""
-        text, cmd, kwargs = self._user_command(command, timeout=timeout, env=env, cwd=cwd)
-        exec_id, sock = engine.exec_start(self._client, self.container.id, cmd, **kwargs)
+        text, cmd, _limit = self._user_command(command, timeout=timeout)
+        self._user_code_ran = True
+        exec_id, sock = engine.exec_start(
+            self._client, self.container.id, cmd, user=self.user_spec,
+            env=self._user_env(env), workdir=cwd or self.workdir,
+        )  # fmt: skip
         return Spawned(self, text, exec_id, sock)
 
     def write_file(self, path: str, data: bytes | str) -> None:
         """Write ``data`` to ``path`` as the user (relative paths are under the code dir)."""
         raw = data.encode() if isinstance(data, str) else data
-        out = engine.exec_run(
-            self._client, self.container.id, ["/bin/sh", "-c", 'cat > "$1"', "sh", path],
-            user=self.user_spec, stdin=raw, env=self._env, workdir=self.workdir,
-        )  # fmt: skip
+        out = self._user_exec(self._user_argv("write", path), stdin=raw)
         if out.exit_code != 0:
             raise AgentboxError(f"write_file({path!r}) failed: {out.stderr.decode().strip()}")
 
     def read_file(self, path: str) -> bytes:
         """Read ``path`` as the user; raises FileNotFoundError or PermissionError like open()."""
-        out = engine.exec_run(
-            self._client, self.container.id, ["cat", "--", path],
-            user=self.user_spec, env=self._env, workdir=self.workdir,
-        )  # fmt: skip
+        out = self._user_exec(self._user_argv("run", str(self.config.timeout), "cat", "--", path))
         if out.exit_code != 0:
             msg = out.stderr.decode(errors="replace").strip()
             if "Permission denied" in msg:
@@ -573,16 +617,21 @@ class Sandbox:
         return out.stdout
 
     def upload(self, local_dir: str | Path, remote_dir: str) -> None:
-        """Copy a host directory into ``remote_dir`` (created as the user; must be writable)."""
+        """Copy a host directory into ``remote_dir``, unpacked by the user (never by root).
+
+        Whatever the agent did to that path (a symlink swapped in meanwhile, say), the
+        files land only where the user could have written them itself.
+        """
         target = remote_dir if remote_dir.startswith("/") else f"{self.workdir}/{remote_dir}"
-        # The engine extracts as root, so first prove the user could write there itself.
-        check = self.run(["/bin/sh", "-c", 'mkdir -p "$1" && test -w "$1"', "sh", target])
-        if not check.ok:
-            raise AgentboxError(f"upload: {target} is not writable by the sandbox user")
         data = engine.tar_directory(
             Path(local_dir), uid=self.user["uid"], gid=self.user["gid"], skip=set()
         )
-        self.container.put_archive(target, data)
+        out = self._user_exec(self._user_argv("extract", target), stdin=data)
+        if out.exit_code != 0:
+            raise AgentboxError(
+                f"upload into {target} failed as the sandbox user: "
+                f"{out.stderr.decode(errors='replace').strip()}"
+            )
 
     def exec_hint(self) -> str:
         """The command that steps into this sandbox as the unprivileged user."""
@@ -593,19 +642,26 @@ class Sandbox:
     def collect_logs(self) -> dict[str, str]:
         """The key proxy's request log and the egress decisions (never keys or tokens).
 
-        Read fresh while the sandbox lives; once it is gone, the last copy read is kept.
+        Read from the sidecar through the engine's archive API (no process runs for it,
+        least of all in the agent's container). Once the sandbox is gone, the last copy
+        read is kept.
         """
         logs = dict(self.logs)
-        if self.container is not None and self.config.key_routes:
-            with contextlib.suppress(Exception):
-                logs["key proxy requests"] = self._root_exec(
-                    ["cat", getattr(self, "_proxy_log", "/nonexistent")]
-                ).stdout.decode(errors="replace")
         if self.sidecar is not None:
             from . import sidecar
 
             with contextlib.suppress(Exception):
-                logs["egress decisions"] = sidecar.decisions(self._client, self.sidecar)
+                if self.proxy_ports:
+                    logs["key proxy requests"] = sidecar.key_requests(self.sidecar)
+                # The agent's connections and the key proxy's upstream ones alike.
+                text = logs["egress decisions"] = sidecar.decisions(self.sidecar)
+                from .egress import open_tunnels
+
+                if still := open_tunnels(text):
+                    logs["egress tunnels open at teardown"] = "\n".join(
+                        f"{t.get('host')}:{t.get('port')} ({t.get('listener')}, id {t.get('id')})"
+                        for t in still
+                    )
         self.logs = logs
         return logs
 
@@ -626,6 +682,7 @@ class Sandbox:
             except Exception as exc:  # the previous state stays intact
                 errors.append(f"state snapshot failed, previous state kept: {exc}")
         if keep:
+            self._keep()
             return
 
         def remove(obj: Any) -> None:
@@ -633,8 +690,13 @@ class Sandbox:
                 obj.remove(force=True, v=True)
 
         # Container and sidecar go side by side; the volume once both are gone.
+        boxes = [self.container, self.sidecar.container if self.sidecar else None]
         with ThreadPoolExecutor(max_workers=2) as pool:
-            pool.map(remove, [o for o in (self.container, self.sidecar) if o is not None])
+            pool.map(remove, [o for o in boxes if o is not None])
+        for channel in (self._channel, self.sidecar.channel if self.sidecar else None):
+            if channel is not None:
+                with contextlib.suppress(OSError):
+                    channel.close()
         if self.volume is not None:
             with contextlib.suppress(Exception):
                 self.volume.remove(force=True)
@@ -642,6 +704,22 @@ class Sandbox:
             with _LIVE_LOCK:
                 _LIVE.pop(self.container.id, None)
         self.warnings += errors
+
+    def _keep(self) -> None:
+        """Leave the agent's container for a person to step into, without its keys.
+
+        The sidecar ends now (keys never outlive the test). The container is restarted
+        so that its main process no longer waits on our attach socket, which closes when
+        this process exits: its files stay, the test's processes are gone.
+        """
+        if self.sidecar is not None:
+            self.sidecar.close()
+        if self._channel is not None:
+            with contextlib.suppress(OSError):
+                self._channel.close()
+        if self.container is not None:
+            with contextlib.suppress(Exception):
+                self.container.restart(timeout=1)
 
     def __enter__(self) -> Sandbox:
         return self

@@ -6,6 +6,7 @@ driven without pytest (``RunState(options)`` takes any object with ``get(name)``
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import statistics
@@ -16,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from . import cleanup, engine, paths
 from .engine import DEFAULT_IMAGE
@@ -73,8 +75,22 @@ def setup_summary(sb: Sandbox) -> dict[str, Any]:
     return {"seconds": round(sb.setup_seconds, 3), "dominant": dominant}
 
 
-def _redactor(secrets_: list[str]) -> Callable[[str], str]:
-    values = sorted({s for s in secrets_ if s and len(s) >= 8}, key=len, reverse=True)
+def encoded_forms(secret: str) -> set[str]:
+    """``secret`` as text that carries it: plain, hex, percent-encoded, and its base64 and
+    base64url at each of the three alignments it can have inside a longer encoded text."""
+    raw = secret.encode()
+    forms = {secret, raw.hex(), raw.hex().upper(), quote(secret, safe="")}
+    for k in range(3):
+        enc = base64.b64encode(b"\0" * k + raw).decode()
+        # Only the characters whose six bits all come from the secret itself.
+        core = enc[-(-8 * k // 6) : (8 * (k + len(raw))) // 6]
+        forms |= {core, core.replace("+", "-").replace("/", "_")}
+    return forms
+
+
+def redactor(secrets_: list[str]) -> Callable[[str], str]:
+    forms = {f for s in secrets_ if s and len(s) >= 8 for f in encoded_forms(s)}
+    values = sorted({f for f in forms if len(f) >= 8}, key=len, reverse=True)
     pattern = re.compile("|".join(re.escape(v) for v in values)) if values else None
     return (lambda text: pattern.sub("[redacted]", text)) if pattern else (lambda text: text)
 
@@ -90,7 +106,7 @@ def report_sections(sandboxes: list[Sandbox]) -> list[tuple[str, str]]:
         hidden = list(sb.config.keys.values()) + [
             v for k, v in sb.env.items() if k in {r.env_var for r in sb.config.key_routes}
         ]
-        redact = _redactor(hidden)
+        redact = redactor(hidden)
         logs = sb.collect_logs()
         steps = "\n".join(f"{s.name:<18} {s.seconds:7.3f}s" for s in sb.steps)
         steps += "".join(f"\nwarning: {w}" for w in sb.warnings)
@@ -253,6 +269,7 @@ class RunState:
             key_domains=[r.domain for r in live],
             has_setup_command=bool(manifest.runtime.setup_command),
             unrestricted=manifest.permissions.network_unrestricted,
+            private=[r.domain for r in manifest.permissions.network if r.private],
         )
         state_key = rest.get("state")
         config = SandboxConfig(
@@ -265,6 +282,7 @@ class RunState:
             egress=policy,
             egress_network=upstream.network_name if upstream is not None else self.egress_network,
             extra_ca_pem=upstream.ca_pem if upstream is not None else None,
+            egress_pins=upstream.pins if upstream is not None else {},
             state_scope=f"{manifest.name}/{state_key}" if state_key else None,
             state_store=StateStore(self.state_dir) if state_key else None,
             state_limits=Limits(

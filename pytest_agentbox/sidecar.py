@@ -1,16 +1,24 @@
-"""The egress sidecar: a container that runs ``egressproxy.py serve`` for one sandbox.
+"""The sandbox's sidecar: a container of its own that holds the keys and the network.
 
-The sandbox has no network of its own. It shares only a Docker volume with this
-sidecar, holding a root-only Unix socket; the sidecar is the one attached to a network
-and it checks every requested host name against the allowlist before connecting.
+The agent's container has no network and no key. It shares one Docker volume with this
+sidecar, holding root-only Unix sockets: one for the egress proxy (which checks every
+requested host name against the allowlist before connecting) and one per key route
+(the key proxy, which holds the real keys in its own PID and mount namespace and
+connects upstream through the sidecar's egress proxy). The sidecar's main process is
+``supervisor.py``; its stdin is the owner's attach socket, so the sidecar and its keys
+end when the owning process does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import engine, paths
-from .errors import EgressError
+from .errors import EgressError, KeyProxyError
 
 SOCKET_DIR = "/run/egress"
 DECISIONS_LOG = "/var/log/agentbox-egress.jsonl"
@@ -18,6 +26,18 @@ DECISIONS_LOG = "/var/log/agentbox-egress.jsonl"
 
 # Egress networks seen to exist in this process: checked once, not once per sandbox.
 _NETWORKS_SEEN: set[str] = set()
+# The engine's own ranges (its networks, the host's addresses), refused to every name
+# that is not pinned: read once per process (one throwaway container).
+_ENGINE_NETS: list[str] | None = None
+
+
+def _engine_nets(client: Any, image: str) -> list[str]:
+    global _ENGINE_NETS
+    if _ENGINE_NETS is None:
+        from .egress import engine_private_nets
+
+        _ENGINE_NETS = engine_private_nets(client, host_image=image)
+    return _ENGINE_NETS
 
 
 def _check_network(client: Any, name: str) -> None:
@@ -39,13 +59,49 @@ def create_volume(client: Any, owner: paths.Owner) -> Any:
     return client.volumes.create(name=paths.unique_name("egress"), labels=owner.labels("egress"))
 
 
-def start(client: Any, config: Any, owner: paths.Owner, volume: Any) -> Any:
-    """Start the sidecar on ``volume``; returns the container (removed again on failure)."""
+KEYPROXY_LOG = "/var/log/agentbox-keyproxy.jsonl"
+
+
+@dataclass
+class Sidecar:
+    """A running sidecar: its container, the owner channel, and what its daemons said."""
+
+    container: Any
+    channel: socket.socket
+    ready: dict[str, Any] = field(default_factory=dict)
+
+    def key_socket(self, provider: str) -> str:
+        """The sidecar's Unix socket (a path on the shared volume) for one key route."""
+        return str(self.ready["keys"]["sockets"][provider])
+
+    def close(self) -> None:
+        """Drop the owner channel: the supervisor exits and the container stops."""
+        with contextlib.suppress(OSError):
+            self.channel.close()
+
+
+def start(
+    client: Any,
+    config: Any,
+    owner: paths.Owner,
+    volume: Any,
+    *,
+    agent_allow: list[str],
+    routes: list[dict[str, Any]],
+    token: str,
+) -> Sidecar:
+    """Start the sidecar on ``volume``; removed again on failure.
+
+    ``agent_allow`` is what the agent may reach (empty: no egress listener for it);
+    ``routes`` are the key proxy's routes with their real keys (empty: no key proxy).
+    """
     if config.egress_network not in _NETWORKS_SEEN:
         _check_network(client, config.egress_network)
-    sidecar = client.containers.create(
+    refuse = _engine_nets(client, config.image)
+    argv, source = engine.tool_command("supervisor.py")
+    container = client.containers.create(
         config.image,
-        command=["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600; done"],
+        command=argv,
         name=paths.unique_name("egress"),
         user="0",
         init=True,
@@ -54,36 +110,80 @@ def start(client: Any, config: Any, owner: paths.Owner, volume: Any) -> Any:
         volumes={volume.name: {"bind": SOCKET_DIR, "mode": "rw"}},
         cap_drop=["ALL"],
         security_opt=["no-new-privileges"],
-        mem_limit="256m",
-        pids_limit=256,
-        detach=True,
+        # The key proxy may hold 100 MiB bodies and 256 MiB of buffered requests.
+        mem_limit="1g",
+        pids_limit=1024,  # a thread per tunnel: 256 agent + 64 key proxy + the key proxy's
+        # With detach=False the SDK sets StdinOnce: stdin ends when our attach does.
+        stdin_open=True,
+        detach=False,
     )
+    channel = None
     try:
-        sidecar.start()
-        _serve(client, sidecar, config.egress)
+        channel = engine.attach(client, container.id)
+        container.start()
+        cfg = _config(config, agent_allow, routes, token, refuse)
+        channel.sendall(source + json.dumps(cfg).encode() + b"\n")
+        ready = engine.read_ready(channel)
+        if not ready.get("ready"):
+            why = ready.get("error") or "no ready line"
+            err = KeyProxyError if routes else EgressError
+            raise err(f"the sandbox's sidecar did not start: {why}")
     except BaseException:
-        sidecar.remove(force=True)
+        if channel is not None:
+            channel.close()
+        container.remove(force=True)
         raise
-    return sidecar
+    return Sidecar(container, channel, ready)
 
 
-def _serve(client: Any, sidecar: Any, policy: Any) -> None:
-    config = {
-        "listen_unix": f"{SOCKET_DIR}/egress.sock",
-        "listen_tcp": None,
-        "allow": list(policy.allowlist()),
-        # A declared *.github.com must still not reach codeload.github.com.
-        "deny": list(policy.denylist()),
+def _config(
+    config: Any,
+    agent_allow: list[str],
+    routes: list[dict[str, Any]],
+    token: str,
+    refuse: list[str],
+) -> dict[str, Any]:
+    policy = config.egress
+    deny = list(policy.denylist()) if policy is not None else []
+    listeners: list[dict[str, Any]] = []
+    if agent_allow:
+        listeners.append({"name": "agent", "unix": f"{SOCKET_DIR}/egress.sock", "mode": 0o600,
+                          "allow": list(agent_allow), "deny": deny})  # fmt: skip
+    if routes:  # the key proxy's own way out: its pinned domains and nothing else
+        domains = sorted({r["domain"] for r in routes})
+        listeners.append({"name": "keys", "tcp": ["127.0.0.1", 0], "allow": domains,
+                          "deny": deny, "max_conns": 64})  # fmt: skip
+    egress = {
+        "listeners": listeners,
         "ports": [80, 443],
         "log_path": DECISIONS_LOG,
-        "socket_mode": 0o600,
+        "log_max_bytes": 8 * 1024 * 1024,
+        "max_conns": 256,
+        # Test fakes by exact name -> address, no DNS; nothing else gets a hole.
+        "pins": dict(config.egress_pins or {}),
+        "private_ok": list(policy.private_domains) if policy is not None else [],
+        "refuse_nets": refuse,
     }
-    cmd, source = engine.tool_command("egressproxy.py", "serve")
-    if not engine.start_daemon(client, sidecar.id, cmd, config, stdin_prefix=source):
-        raise EgressError("the egress proxy sidecar did not start (no ready line)")
+    keys = None
+    if routes:
+        keys = {
+            "token": token,
+            "routes": [dict(r, unix=f"{SOCKET_DIR}/key-{r['name']}.sock") for r in routes],
+            "upstream_port": 443,
+            "ca_pem": config.extra_ca_pem,
+            "log_path": KEYPROXY_LOG,
+        }
+    sources = {n: engine.tool_source(n).decode() for n in ("egressproxy.py", "keyproxy.py")}
+    return {"boot": engine.BOOT, "sources": sources, "egress": egress, "keys": keys}
 
 
-def decisions(client: Any, sidecar: Any) -> str:
-    """The sidecar's decision log (host, port, allowed or refused, bytes), as JSON lines."""
-    out = engine.exec_run(client, sidecar.id, ["cat", DECISIONS_LOG], user="0")
-    return out.stdout.decode(errors="replace")
+def decisions(sidecar: Sidecar) -> str:
+    """The egress decision log (host, port, allowed or refused, bytes), as JSON lines."""
+    data = engine.read_archive_file(sidecar.container, DECISIONS_LOG)
+    return (data or b"").decode(errors="replace")
+
+
+def key_requests(sidecar: Sidecar) -> str:
+    """The key proxy's request log (no keys, tokens or query strings), as JSON lines."""
+    data = engine.read_archive_file(sidecar.container, KEYPROXY_LOG)
+    return (data or b"").decode(errors="replace")

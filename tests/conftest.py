@@ -85,6 +85,14 @@ def random_key() -> str:
     return "sk-test-" + secrets.token_hex(20)
 
 
+def as_root(sb: Sandbox, cmd: list[str], stdin: bytes | None = None) -> engine.ExecOutput:
+    """Root in a sandbox's container, straight through the engine: the test's own look
+    (or an attacker's, who has root there) -- never something the package does itself
+    once user code has run."""
+    client = engine.get_client()
+    return engine.exec_run(client, sb.container_id, cmd, user="0", stdin=stdin, timeout=300)
+
+
 def ours(client: Any, run_id: str) -> list[Any]:
     """Containers, networks and volumes labelled with ``run_id``."""
     flt = {"label": f"{paths.LABEL_RUN}={run_id}"}

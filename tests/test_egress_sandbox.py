@@ -49,7 +49,7 @@ def test_declared_domain_is_reachable_with_curl_and_urllib(declared: Any) -> Non
     assert r.exit_code == 0 and r.stdout == "hello from upstream", r.stderr
     py = f"import urllib.request;print(urllib.request.urlopen('https://{DECLARED}/y').read())"
     assert declared.run(["python3", "-c", py]).stdout.strip() == "b'hello from upstream'"
-    allowed = [d for d in decisions(declared) if d["decision"] == "allow"]
+    allowed = [d for d in decisions(declared) if d["decision"] == "allow" and d["event"] == "close"]
     assert {(d["host"], d["port"]) for d in allowed} == {(DECLARED, 443)}
     assert all(d["bytes_down"] > 0 for d in allowed)
 
@@ -156,10 +156,10 @@ def test_key_proxy_upstream_goes_through_egress_to_the_pinned_domain_only(
     sb = sandbox_factory(keys=["anthropic"])
     r = sb.run('curl -sS -H "x-api-key: $ANTHROPIC_API_KEY" "$ANTHROPIC_BASE_URL/v1/messages"')
     assert json.loads(r.stdout) == {"ok": True}
-    allowed = [d for d in decisions(sb) if d["decision"] == "allow"]
-    assert [d["host"] for d in allowed] == ["api.anthropic.com"]
+    allowed = [d for d in decisions(sb) if d["decision"] == "allow" and d["event"] == "connect"]
+    assert [(d["host"], d["listener"]) for d in allowed] == [("api.anthropic.com", "keys")]
     # The agent itself may not use that domain directly: it is the proxy's, not the agent's.
-    assert "api.anthropic.com" in sb.config.egress.allowlist()
+    assert "api.anthropic.com" not in sb.config.egress.agent_allowlist()
 
 
 def test_registry_auto_allow_follows_pip_config_only_with_setup_command(

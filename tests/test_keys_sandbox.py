@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from conftest import as_root
 
 from pytest_agentbox import engine
 from pytest_agentbox.fakeupstream import header
@@ -32,7 +33,7 @@ sys.stdout.write(out.decode("latin-1"))
 def raw(sb: Any, request: bytes) -> str:
     sb.write_file("/tmp/raw_client.py", RAW_CLIENT)
     out = engine.exec_run(
-        sb._client, sb.container_id, ["python3", "/tmp/raw_client.py"],
+        engine.get_client(), sb.container_id, ["python3", "/tmp/raw_client.py"],
         user=sb.user_spec, stdin=request, env=sb.env,
     )  # fmt: skip
     return out.stdout.decode("latin-1")
@@ -69,22 +70,23 @@ def test_no_readable_place_in_the_sandbox_holds_the_key(keyed: Any) -> None:
     assert keyed.key not in json.dumps(keyed.container.attrs)
 
 
-def test_proxy_script_is_unreadable_and_its_process_invisible_and_unsignalable(keyed: Any) -> None:
-    pid = keyed._root_exec(["pgrep", "-f", "keyproxy.py"]).stdout.split()[0].decode()
+def test_no_key_proxy_in_the_agents_container_and_root_daemons_invisible(keyed: Any) -> None:
+    procs = as_root(keyed, ["/bin/sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
+    assert b"egressproxy.py forward" in procs.stdout  # the forwarder, holding no secret
+    assert b"keyproxy" not in procs.stdout  # the key proxy lives in the sidecar
+    tools = keyed.hardening["tools_dir"]
+    pid = as_root(keyed, ["pgrep", "-f", "egressproxy.py forward"]).stdout.split()[0].decode()
     r = keyed.run(
-        f"cat {keyed._tools_dir}/keyproxy.py; echo read=$?; ls {keyed._tools_dir}; echo list=$?; "
+        f"cat {tools}/egressproxy.py; echo read=$?; ls {tools}; echo list=$?; "
         f"ls /proc/{pid} >/dev/null 2>&1; echo visible=$?; "
         f"kill -TERM {pid}; echo kill=$?; ps -eo user= | sort -u"
     )
     assert "read=1" in r.stdout and "list=2" in r.stdout
     assert "visible=2" in r.stdout and "kill=1" in r.stdout
-    # The script is there (the proxy runs from it), for root alone.
-    mode = keyed._root_exec(["stat", "-c", "%a %U", f"{keyed._tools_dir}/keyproxy.py"])
+    mode = as_root(keyed, ["stat", "-c", "%a %U", tools])
     assert mode.stdout.split() == [b"700", b"root"]
     assert r.stdout.split()[-1] == keyed.user["name"]  # no process of root is listed
-    assert "Operation not permitted" in r.stderr
-    # Still serving after the attempt.
-    assert keyed._root_exec(["kill", "-0", pid]).exit_code == 0
+    assert as_root(keyed, ["kill", "-0", pid]).exit_code == 0  # still serving
 
 
 def test_upstream_gets_the_real_key_and_the_pinned_host(keyed: Any, fake_upstream: Any) -> None:
@@ -161,11 +163,14 @@ def test_response_headers_are_allowlisted(keyed: Any) -> None:
     assert "connection: close" in head
 
 
-def test_gzip_content_encoding_reaches_the_agent(keyed: Any, fake_upstream: Any) -> None:
+def test_gzip_response_is_scanned_and_reaches_the_agent_decoded(
+    keyed: Any, fake_upstream: Any
+) -> None:
     fake_upstream.reply("/v1/zipped", body="compressed hello", gzip=True)
     r = keyed.run('curl -sS --compressed -D - -H "x-api-key: $OPENAI_API_KEY" '
                   '"$OPENAI_BASE_URL/zipped"')  # fmt: skip
-    assert "content-encoding: gzip" in r.stdout.lower()
+    # The key proxy decompresses to scan for the key, and sends the agent identity.
+    assert "content-encoding" not in r.stdout.lower()
     assert r.stdout.endswith("compressed hello")
 
 
@@ -237,3 +242,19 @@ def test_setup_command_sees_the_token_not_the_key(
     sb = sandbox_factory(keys=["openai"], setup_command="env > ~/env-at-setup")
     env = sb.read_file(f"{sb.home}/env-at-setup").decode()
     assert random_key not in env and f"OPENAI_API_KEY={sb.env['OPENAI_API_KEY']}" in env
+
+
+@pytest.mark.parametrize("style", ["header:Authorization", "header:Cookie"])
+def test_a_manifest_auth_style_that_validates_also_starts(
+    vault: Any, random_key: str, fake_upstream: Any, sandbox_factory: Any, style: str
+) -> None:
+    # One rule (keyproxy.auth_header) for the manifest and the key proxy: no style passes
+    # validation only to be refused when the proxy starts.
+    vault.add("acme", random_key)
+    fake_upstream.reply("/v1/*", json_body={"ok": True})
+    sb = sandbox_factory(keys=[{"provider": "acme", "domain": "api.openai.com",
+                                "auth_style": style}])  # fmt: skip
+    r = sb.run('curl -sS -H "Authorization: Bearer $ACME_API_KEY" "$ACME_BASE_URL/v1/models"')
+    assert json.loads(r.stdout) == {"ok": True}, r.stderr
+    (req,) = fake_upstream.requests()
+    assert header(req, style.split(":", 1)[1].lower()) == [random_key]

@@ -47,7 +47,7 @@ def test_demo_failure_shows_every_report_section_and_no_secret(
     assert '"path": "/v1/chat/completions"' in out  # the key proxy's request log
     assert '"host": "decoy.agentbox.test"' in out and '"deny"' in out
     assert "sk-test-" not in out  # the example's random keys never reach the report
-    assert "key proxy            " in out  # setup steps with their timings
+    assert "forwarder            " in out and "sidecar (parallel)" in out  # setup steps
 
 
 FAILING = """
@@ -174,3 +174,23 @@ def test_the_example_suite_passes_offline(docker_client: Any, base_image: str) -
     proc = run_example(base_image)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout.splitlines()[-1]
+
+
+def test_report_redacts_encoded_keys(random_key: str) -> None:
+    import base64
+    from urllib.parse import quote
+
+    from pytest_agentbox.session import redactor
+
+    redact = redactor([random_key])
+    raw = random_key.encode()
+    leaks = [random_key, raw.hex(), raw.hex().upper(), quote("k=" + random_key, safe="")]
+    for prefix in (b"", b"x", b"xy", b"Bearer "):  # every base64 alignment
+        leaks += [base64.b64encode(prefix + raw).decode(),
+                  base64.urlsafe_b64encode(prefix + raw).decode()]  # fmt: skip
+    for leak in leaks:
+        text = redact(f"before {leak} after")
+        assert "[redacted]" in text and text.startswith("before ") and text.endswith(" after")
+        # Nothing left that decodes back to the key.
+        assert random_key[4:-4] not in text and raw.hex()[8:-8] not in text.lower()
+    assert redact("nothing secret here") == "nothing secret here"

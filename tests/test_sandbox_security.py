@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import built_image, ours
+from conftest import as_root, built_image, ours
 
-from pytest_agentbox import sandbox as sandbox_mod
 from pytest_agentbox.errors import HardeningError, SetupCommandFailed
 from pytest_agentbox.manifest import KeyRoute
 from pytest_agentbox.sandbox import FORWARDED_ENV, HARDENING_CAPS
@@ -41,7 +40,7 @@ def test_no_setuid_or_setgid_file_left(sandbox: Any) -> None:
     r = sandbox.run("find / -xdev -perm /6000 -type f 2>/dev/null; true")
     assert r.stdout.strip() == ""
     # And root agrees: nothing it can see either (the user may not read every dir).
-    out = sandbox._root_exec(["find", "/", "-xdev", "-perm", "/6000", "-type", "f"])
+    out = as_root(sandbox, ["find", "/", "-xdev", "-perm", "/6000", "-type", "f"])
     assert out.stdout.strip() == b""
 
 
@@ -179,12 +178,12 @@ def test_missing_user_is_created(make_sandbox: Any) -> None:
 
 def test_temp_paths_inside_the_sandbox_are_unpredictable(make_sandbox: Any) -> None:
     a, b = make_sandbox(), make_sandbox()
-    assert a._tools_dir != b._tools_dir
-    suffix = a._tools_dir.rsplit("-", 1)[1]
+    assert a.hardening["tools_dir"] != b.hardening["tools_dir"]
+    suffix = a.hardening["tools_dir"].rsplit("-", 1)[1]
     assert len(suffix) == 16 and int(suffix, 16) >= 0
-    r = a._root_exec(["stat", "-c", "%a %U", a._tools_dir])
+    r = as_root(a, ["stat", "-c", "%a %U", a.hardening["tools_dir"]])
     assert r.stdout.split() == [b"700", b"root"]
-    assert a.run(f"ls {a._tools_dir}").exit_code != 0
+    assert a.run(f"ls {a.hardening['tools_dir']}").exit_code != 0
 
 
 def test_sandbox_api_round_trips(sandbox: Any, tmp_path: Any) -> None:
@@ -252,13 +251,13 @@ def test_every_sandbox_of_an_image_is_stripped_also_from_the_cached_scan(
     # list that scan found. Both must end up with nothing setuid/setgid.
     planted = ["/opt/odd/deep/suid-tool", "/var/sgid-tool"]
     first = make_sandbox(image=planted_image)
-    image_id = first.container.attrs["Image"]
-    assert set(planted) <= set(sandbox_mod._SETID_SCANS[image_id])
+    assert set(planted) <= set(first.hardening["found"])
     second = make_sandbox(image=planted_image)
+    assert first.hardening["scanned"] and not second.hardening["scanned"]
     for sb in (first, second):
-        out = sb._root_exec(["find", "/", "-xdev", "-perm", "/6000", "-type", "f"])
+        out = as_root(sb, ["find", "/", "-xdev", "-perm", "/6000", "-type", "f"])
         assert out.stdout.strip() == b""
-        modes = sb._root_exec(["stat", "-c", "%a", *planted]).stdout.split()
+        modes = as_root(sb, ["stat", "-c", "%a", *planted]).stdout.split()
         assert modes == [b"755", b"755"]
 
 
