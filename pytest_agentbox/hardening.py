@@ -206,6 +206,35 @@ def _make_dirs(opts: dict, user: dict) -> dict:
     return {"app": made}
 
 
+def _runner_python(where: str, python: str) -> dict:
+    """An execute-only copy of the interpreter for the user-command runner.
+
+    The kernel marks a process that execs a file it cannot read as not dumpable, before
+    any of its code runs: a leftover agent process can then neither ptrace a starting
+    runner nor write its memory (same uid, no Yama needed) in the moment before the
+    runner's seccomp filter is installed. ``pyvenv.cfg`` points the copy at the
+    interpreter's own standard library.
+    """
+    os.mkdir(where, 0o711)
+    os.chmod(where, 0o711)  # noqa: S103 - others may traverse it, not list or write it
+    copy = os.path.join(where, "python3")
+    with open(python, "rb") as src:
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
+        with os.fdopen(fd, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    os.chmod(copy, 0o711)  # noqa: S103 - execute-only is the point: not readable
+    fd = os.open(os.path.join(where, "pyvenv.cfg"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(f"home = {os.path.dirname(python)}\n")
+    os.chmod(os.path.join(where, "pyvenv.cfg"), 0o644)
+    probe = subprocess.run([copy, "-I", "-S", "-c", "import ctypes, tarfile"], capture_output=True)
+    if probe.returncode != 0 or probe.stderr:
+        why = probe.stderr.decode("utf-8", "replace").strip()[-300:] or f"exit {probe.returncode}"
+        return {"runner_python": "", "runner_python_error": why}
+    return {"runner_python": copy}
+
+
 def _install_ca(ca: dict) -> dict:
     """One CA bundle the agent can read: the system CAs plus the extra ones (test CAs)."""
     data = b""
@@ -233,6 +262,7 @@ def main() -> int:
     result["tools_dir"] = opts["tools_dir"]
     result["python"] = os.path.realpath(sys.executable)
     result["python_unsafe"] = _root_only(sys.executable)
+    result.update(_runner_python(opts["tools_dir"] + "-py", result["python"]))
     print(json.dumps(result))
     return 0
 
@@ -266,6 +296,13 @@ def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
             f"({result['python_unsafe']}); every root step and the seccomp filter of user "
             "code start through it. Use an image whose python3 and its directories are "
             "root-owned and not group- or world-writable."
+        )
+    if not result.get("runner_python"):
+        raise HardeningError(
+            f"image {image!r}: its python3 does not run from an execute-only copy "
+            f"({result.get('runner_python_error', 'unknown reason')}), which keeps starting "
+            "user commands safe from the agent's own leftover processes. Use an image whose "
+            "python3 finds its standard library from a pyvenv.cfg (CPython 3.3+ does)."
         )
     if result.get("left"):
         raise HardeningError(

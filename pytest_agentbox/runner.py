@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -102,14 +103,25 @@ def extract(dest):
                 os.makedirs(path, exist_ok=True)
                 continue
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as out:
+            with open_regular(path) as out:
                 shutil.copyfileobj(tar.extractfile(member), out)
             os.chmod(path, member.mode & 0o777)
     return 0
 
 
+def open_regular(path):
+    """``path`` opened for writing, refused unless it is a regular file (a FIFO the agent
+    put there would otherwise block the test forever)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "wb")
+
+
 def write(path):
-    with open(path, "wb") as out:
+    with open_regular(path) as out:
         shutil.copyfileobj(sys.stdin.buffer, out)
     return 0
 

@@ -150,6 +150,7 @@ class Sandbox:
         self.volume: Any = None
         self._channel: Any = None  # the owner's attach socket to the main process
         self._python = ""  # the image's python3, absolute, checked root-owned by hardening
+        self._runner_python = ""  # its execute-only copy, which user commands start from
         self._user_code_ran = False
         self.hardening: dict[str, Any] = {}
         self.user: dict[str, Any] = {"name": config.user, "uid": config.uid, "gid": config.uid}
@@ -299,6 +300,7 @@ class Sandbox:
         self.home = self.user["home"]
         self.workdir = f"{self.home}/app"
         self._python = str(report["python"])
+        self._runner_python = str(report["runner_python"])
         if image_id and "found" in report:
             _SETID_SCANS.setdefault(image_id, list(report["found"]))
         return report
@@ -312,7 +314,11 @@ class Sandbox:
             volumes[self.volume.name] = {"bind": self._egress_dir, "mode": "rw"}
         self.container = self._client.containers.create(
             cfg.image,
-            command=_MAIN,
+            # Neither the image's ENTRYPOINT nor its HEALTHCHECK may run: both would run
+            # as root, the health check periodically, after user code.
+            entrypoint=_MAIN[:1],
+            command=_MAIN[1:],
+            healthcheck={"test": ["NONE"]},
             name=paths.unique_name("sandbox"),
             hostname="agentbox",
             user="0",
@@ -510,7 +516,7 @@ class Sandbox:
         """argv of one runner call: the only way anything runs as the user."""
         # Absolute interpreter checked by hardening (root-owned, in root-owned dirs): a
         # planted python3 could otherwise start the agent without the seccomp filter.
-        return [self._python, "-I", "-S", "-c", _runner_source(), mode, *args]
+        return [self._runner_python, "-I", "-S", "-c", _runner_source(), mode, *args]
 
     def _user_exec(
         self,
@@ -609,6 +615,11 @@ class Sandbox:
     def read_file(self, path: str) -> bytes:
         """Read ``path`` as the user; raises FileNotFoundError or PermissionError like open()."""
         out = self._user_exec(self._user_argv("run", str(self.config.timeout), "cat", "--", path))
+        if out.dropped[0]:
+            raise AgentboxError(
+                f"read_file({path!r}): larger than the {engine.MAX_OUTPUT // 2**20} MiB a read "
+                "keeps; read it in parts (e.g. sandbox.run('tail -c ...'))"
+            )
         if out.exit_code != 0:
             msg = out.stderr.decode(errors="replace").strip()
             if "Permission denied" in msg:
@@ -683,6 +694,7 @@ class Sandbox:
                 errors.append(f"state snapshot failed, previous state kept: {exc}")
         if keep:
             self._keep()
+            self.warnings += errors
             return
 
         def remove(obj: Any) -> None:

@@ -101,7 +101,9 @@ def start(
     argv, source = engine.tool_command("supervisor.py")
     container = client.containers.create(
         config.image,
-        command=argv,
+        entrypoint=argv[:1],  # not the image's ENTRYPOINT, nor its HEALTHCHECK
+        command=argv[1:],
+        healthcheck={"test": ["NONE"]},
         name=paths.unique_name("egress"),
         user="0",
         init=True,

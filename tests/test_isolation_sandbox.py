@@ -374,3 +374,65 @@ def test_agent_sees_the_same_syscall_verdicts_as_plain_docker(
     # The probe sees the difference that matters: without the filter, the sandbox's
     # SYS_ADMIN would let the agent make a user namespace.
     assert len(ours) >= 10 and all(v != "ok" for k, v in ours.items() if "unshare" in k), ours
+
+
+# Left running by the agent: watches for new runner processes (every user command starts
+# as one) and tries to take them over before their seccomp filter is in place: ptrace
+# attach, and opening their memory for writing. Records each try; as a control, also
+# attaches to a process of its own, which must work.
+TRACER = r"""
+import ctypes, os, subprocess, time
+libc = ctypes.CDLL(None, use_errno=True)
+own = subprocess.Popen(["sleep", "300"])
+time.sleep(0.2)
+ok = libc.ptrace(16, own.pid, 0, 0)  # PTRACE_ATTACH
+with open("/tmp/tracer.log", "a") as log:
+    log.write(f"control {ok} {ctypes.get_errno()}\n")
+seen = set()
+end = time.time() + 60
+while time.time() < end:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid in seen:
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        kind = "runner" if b"runner_main" in cmd else "child" if b"agentbox-marker" in cmd else ""
+        if not kind:
+            continue
+        seen.add(pid)
+        if kind == "child":  # seen is enough: attaching would stop the test's command
+            with open("/tmp/tracer.log", "a") as log:
+                log.write(f"child {pid}\n")
+            continue
+        r = libc.ptrace(16, int(pid), 0, 0)
+        err = ctypes.get_errno()
+        if r == 0:
+            libc.ptrace(17, int(pid), 0, 0)  # PTRACE_DETACH: report, do not hang the test
+            os.kill(int(pid), 18)  # SIGCONT: attaching stopped it
+        try:
+            open(f"/proc/{pid}/mem", "r+b").close()
+            mem = "open"
+        except OSError as exc:
+            mem = type(exc).__name__
+        with open("/tmp/tracer.log", "a") as log:
+            log.write(f"runner {pid} {r} {err} {mem}\n")
+"""
+
+
+def test_a_leftover_process_cannot_take_over_a_starting_runner(sandbox: Any) -> None:
+    sandbox.write_file("tracer.py", TRACER)
+    sandbox.run("nohup python3 tracer.py >/dev/null 2>&1 &")
+    for _ in range(10):
+        sandbox.run("sleep 0.3; : agentbox-marker")
+    log = sandbox.read_file("/tmp/tracer.log").decode().splitlines()
+    assert log[0].split()[:2] == ["control", "0"], log  # ptrace works in this container
+    # It sees the commands (dumpable, and already behind the filter) while their runners
+    # are alive, so it was watching; the runners themselves stay out of its reach: not
+    # dumpable from their first instruction, hence invisible under hidepid=2.
+    assert len([x for x in log if x.startswith("child")]) >= 5, log
+    tries = [line.split() for line in log if line.startswith("runner")]
+    for _, _pid, result, errno, mem in tries:
+        assert result == "-1" and errno in ("1", "3"), tries  # EPERM (or ESRCH: gone)
+        assert mem in ("PermissionError", "FileNotFoundError", "ProcessLookupError"), tries

@@ -69,3 +69,27 @@ def test_300_mb_of_output_costs_pytest_less_than_50_mb(
     assert res["dropped"] == 300_000_000 - cap
     assert "more bytes of stdout dropped past the output cap" in res["tail"]
     assert res["err_dropped"] == 0 and res["err_kept"] == 5_000_000
+
+
+def test_write_file_onto_a_fifo_the_agent_planted_fails_at_once(sandbox: Any) -> None:
+    import pytest
+
+    from pytest_agentbox.errors import AgentboxError
+
+    sandbox.run("mkfifo ~/app/trap")
+    start = time.monotonic()
+    with pytest.raises(AgentboxError, match="write_file"):
+        sandbox.write_file("trap", "data")
+    assert time.monotonic() - start < 60
+
+
+def test_image_healthcheck_never_runs(
+    docker_client: Any, base_image: str, make_sandbox: Any
+) -> None:
+    from conftest import built_image
+
+    line = 'HEALTHCHECK --interval=1s CMD ["/bin/sh", "-c", "id -u > /tmp/health-ran"]'
+    with built_image(docker_client, "health", base_image, line) as tag:
+        sb = make_sandbox(image=tag)
+        time.sleep(3)
+        assert sb.run("test -e /tmp/health-ran").exit_code == 1
