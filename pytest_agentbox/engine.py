@@ -5,6 +5,7 @@ Nothing here runs at import time, so ``pytest --help`` works without an engine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -12,6 +13,7 @@ import os
 import socket
 import struct
 import tarfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -368,50 +370,85 @@ def read_archive_file(container: Any, path: str, limit: int = 4 * 1024 * 1024) -
     """One regular file's first ``limit`` bytes, read through the engine's archive API.
 
     No process runs in the container for it (nothing there can answer in its place),
-    and the stream is closed once ``limit`` bytes are in. None when there is no file.
+    and the stream is shut as soon as ``limit`` bytes are in. None when there is no file.
     """
-    from docker.errors import NotFound
-
-    try:
-        stream, _ = container.get_archive(path, chunk_size=65536)
-    except NotFound:
+    archive = open_engine_archive(container, path)
+    if archive is None:
         return None
-    # Enough for the file's headers (PAX ones included) and its first ``limit`` bytes.
-    raw = _BoundedReader(stream, limit + 64 * 1024)
     try:
-        with tarfile.open(fileobj=raw, mode="r|") as tar:
+        with tarfile.open(fileobj=archive, mode="r|") as tar:
             member = tar.next()
             if member is None or not member.isreg():
                 return None
             fh = tar.extractfile(member)
             return fh.read(min(member.size, limit)) if fh is not None else None
-    except (tarfile.TarError, EOFError):
+    except (tarfile.TarError, EOFError, OSError):
         return None
     finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+        archive.close()  # shuts the stream down unless it was read to its end
 
 
-class _BoundedReader(io.RawIOBase):
-    """A read-only file over an iterator of byte chunks that ends after ``limit`` bytes."""
+class EngineArchive(io.RawIOBase):
+    """One ``GET /containers/{id}/archive`` response, read raw and closable at once.
 
-    def __init__(self, chunks: Iterable[bytes], limit: int) -> None:
-        self._chunks = iter(chunks)
-        self._buf = b""
-        self._left = limit
+    The docker SDK's ``get_archive`` generator turns the socket timeout off and, when
+    abandoned, leaves the HTTP response open: the engine keeps streaming (and holds the
+    container's lock, so removing the container waits). :meth:`abort` shuts the socket
+    down, from any thread: a blocked read returns at once and the engine stops.
+    """
+
+    def __init__(self, response: Any, sock: Any) -> None:
+        super().__init__()
+        self._response, self._sock = response, sock
+        self._lock = threading.Lock()
+        self.aborted = False
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b: Any) -> int:
-        while not self._buf and self._left > 0:
-            chunk = next(self._chunks, b"")
-            if not chunk:
-                return 0
-            self._buf = chunk[: self._left]
-            self._left -= len(self._buf)
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
+    def readinto(self, buffer: Any) -> int:
+        if self.aborted:
+            raise OSError("archive stream aborted")
+        data = self._response.raw.read(len(buffer), decode_content=False)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def abort(self) -> None:
+        with self._lock:
+            if self.aborted:
+                return
+            self.aborted = True
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        if not self.closed:
+            complete = False
+            with contextlib.suppress(Exception):
+                complete = bool(self._response.raw.isclosed())
+            if not complete:
+                self.abort()  # the rest is never read: the connection must not be reused
+            with contextlib.suppress(Exception):
+                self._response.close()
+        super().close()
+
+
+def open_engine_archive(container: Any, path: str) -> EngineArchive | None:
+    """Start streaming ``path`` out of ``container`` (None when it does not exist)."""
+    api = container.client.api
+    response = api._get(
+        api._url("/containers/{0}/archive", container.id),
+        params={"path": path},
+        stream=True,
+        headers={"Accept-Encoding": "identity"},  # plain tar: nothing to decompress
+    )
+    if response.status_code == 404:
+        response.close()
+        return None
+    api._raise_for_status(response)
+    sock = None
+    with contextlib.suppress(Exception):
+        raw = api._get_raw_response_socket(response)
+        sock = getattr(raw, "_sock", raw)
+    return EngineArchive(response, sock)

@@ -6,7 +6,6 @@ driven without pytest (``RunState(options)`` takes any object with ``get(name)``
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import statistics
@@ -17,7 +16,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 from . import cleanup, engine, paths
 from .engine import DEFAULT_IMAGE
@@ -75,21 +73,12 @@ def setup_summary(sb: Sandbox) -> dict[str, Any]:
     return {"seconds": round(sb.setup_seconds, 3), "dominant": dominant}
 
 
-def encoded_forms(secret: str) -> set[str]:
-    """``secret`` as text that carries it: plain, hex, percent-encoded, and its base64 and
-    base64url at each of the three alignments it can have inside a longer encoded text."""
-    raw = secret.encode()
-    forms = {secret, raw.hex(), raw.hex().upper(), quote(secret, safe="")}
-    for k in range(3):
-        enc = base64.b64encode(b"\0" * k + raw).decode()
-        # Only the characters whose six bits all come from the secret itself.
-        core = enc[-(-8 * k // 6) : (8 * (k + len(raw))) // 6]
-        forms |= {core, core.replace("+", "-").replace("/", "_")}
-    return forms
-
-
 def redactor(secrets_: list[str]) -> Callable[[str], str]:
-    forms = {f for s in secrets_ if s and len(s) >= 8 for f in encoded_forms(s)}
+    # The key proxy's own list of the forms a key leaks in: one rule for both.
+    from .keyproxy import leak_forms
+
+    forms = {s for s in secrets_ if s and len(s) >= 8}
+    forms |= {f.decode() for s in list(forms) if s.isascii() for f in leak_forms(s.encode())}
     values = sorted({f for f in forms if len(f) >= 8}, key=len, reverse=True)
     pattern = re.compile("|".join(re.escape(v) for v in values)) if values else None
     return (lambda text: pattern.sub("[redacted]", text)) if pattern else (lambda text: text)

@@ -175,7 +175,8 @@ def _config(
             "ca_pem": config.extra_ca_pem,
             "log_path": KEYPROXY_LOG,
         }
-    sources = {n: engine.tool_source(n).decode() for n in ("egressproxy.py", "keyproxy.py")}
+    needed = ("egressproxy.py", "keyproxy.py") if routes else ("egressproxy.py",)
+    sources = {n: engine.tool_source(n).decode() for n in needed}
     return {"boot": engine.BOOT, "sources": sources, "egress": egress, "keys": keys}
 
 

@@ -40,7 +40,6 @@ import os
 import posixpath
 import re
 import secrets
-import socket
 import stat
 import tarfile
 import threading
@@ -53,6 +52,7 @@ from typing import IO, Any, Protocol
 import filelock
 
 from .atomicfile import fsync_dir, replace_atomically
+from .engine import open_engine_archive
 from .errors import StateError
 
 ALLOWED_DIRS: tuple[str, ...] = ("workspace", "data", "output", "state")
@@ -1076,72 +1076,6 @@ def safe_extract(
 
 
 # ---------------------------------------------------------------- the engine side
-
-
-class EngineArchive(io.RawIOBase):
-    """One ``GET /containers/{id}/archive`` response, read raw and closable at once.
-
-    The docker SDK's ``get_archive`` generator turns the socket timeout off and, when
-    abandoned, leaves the HTTP response open: the engine keeps streaming (and holds the
-    container's lock, so removing the container waits). :meth:`abort` shuts the socket
-    down, from any thread: a blocked read returns at once and the engine stops.
-    """
-
-    def __init__(self, response: Any, sock: Any) -> None:
-        super().__init__()
-        self._response, self._sock = response, sock
-        self._lock = threading.Lock()
-        self.aborted = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self.aborted:
-            raise OSError("archive stream aborted")
-        data = self._response.raw.read(len(buffer), decode_content=False)
-        buffer[: len(data)] = data
-        return len(data)
-
-    def abort(self) -> None:
-        with self._lock:
-            if self.aborted:
-                return
-            self.aborted = True
-            if self._sock is not None:
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        if not self.closed:
-            complete = False
-            with contextlib.suppress(Exception):
-                complete = bool(self._response.raw.isclosed())
-            if not complete:
-                self.abort()  # the rest is never read: the connection must not be reused
-            with contextlib.suppress(Exception):
-                self._response.close()
-        super().close()
-
-
-def open_engine_archive(container: Any, path: str) -> EngineArchive | None:
-    """Start streaming ``path`` out of ``container`` (None when it does not exist)."""
-    api = container.client.api
-    response = api._get(
-        api._url("/containers/{0}/archive", container.id),
-        params={"path": path},
-        stream=True,
-        headers={"Accept-Encoding": "identity"},  # plain tar: nothing to decompress
-    )
-    if response.status_code == 404:
-        response.close()
-        return None
-    api._raise_for_status(response)
-    sock = None
-    with contextlib.suppress(Exception):
-        raw = api._get_raw_response_socket(response)
-        sock = getattr(raw, "_sock", raw)
-    return EngineArchive(response, sock)
 
 
 def snapshot_container(
