@@ -12,6 +12,7 @@ import getpass
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import AgentboxError, KeyMissing, VaultError
 from .sandbox import DEFAULT_IMAGE
@@ -40,7 +41,9 @@ def _add_image_group(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     build = cmds.add_parser(
         "build", help="debootstrap a Debian base image and docker import it (no registry needed)"
     )
-    build.add_argument("--tag", default=DEFAULT_IMAGE, help=f"image tag (default {DEFAULT_IMAGE})")
+    build.add_argument(
+        "--tag", default=None, help=f"image tag (default: $AGENTBOX_IMAGE, else {DEFAULT_IMAGE})"
+    )
     build.set_defaults(func=_cmd_image_build)
 
 
@@ -55,8 +58,8 @@ def _add_gc_group(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
 def _add_state_group(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dir_opt = argparse.ArgumentParser(add_help=False)
     dir_opt.add_argument(
-        "--state-dir", type=Path, default=Path(".pytest_cache/agentbox/state"), metavar="DIR",
-        help="state store (default: .pytest_cache/agentbox/state)",
+        "--state-dir", type=Path, default=None, metavar="DIR",
+        help="state store (default: $AGENTBOX_STATE_DIR, else .pytest_cache/agentbox/state)",
     )  # fmt: skip
     state = subparsers.add_parser("state", help="list or clear persisted sandbox state")
     cmds = state.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -71,7 +74,8 @@ def _add_state_group(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 def _cmd_image_build(args: argparse.Namespace) -> int:
     script = Path(__file__).parent / "build-base-image.sh"
     # Progress goes straight to the terminal: a debootstrap takes minutes.
-    return subprocess.call(["bash", str(script), args.tag])
+    tag = args.tag or _setting("image") or DEFAULT_IMAGE
+    return subprocess.call(["bash", str(script), tag])
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
@@ -88,18 +92,19 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 def _cmd_state_list(args: argparse.Namespace) -> int:
     from .state import StateStore
 
-    infos = StateStore(args.state_dir).list()
+    state_dir = _state_dir(args)
+    infos = StateStore(state_dir).list()
     for info in infos:
         print(f"{info.scope}\t{info.members} members\t{info.size} bytes")
     if not infos:
-        print(f"no stored state in {args.state_dir}")
+        print(f"no stored state in {state_dir}")
     return EXIT_OK
 
 
 def _cmd_state_clear(args: argparse.Namespace) -> int:
     from .state import StateStore
 
-    n = StateStore(args.state_dir).clear(args.scope)
+    n = StateStore(_state_dir(args)).clear(args.scope)
     print(f"removed {n} stored state(s)")
     return EXIT_OK
 
@@ -134,8 +139,26 @@ def _add_keys_group(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     rm.set_defaults(func=_cmd_keys_remove)
 
 
+def _setting(name: str) -> Any:
+    """An option as the pytest plugin would read it, without an ini file: env > default.
+
+    A bad value is an OptionError (an AgentboxError): one line on stderr, exit 2.
+    """
+    from .options import resolve
+
+    return resolve(cwd=Path.cwd(), names=[name]).get(name)
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    if args.state_dir is not None:
+        return Path(args.state_dir)
+    return Path(_setting("state-dir") or ".pytest_cache/agentbox/state")
+
+
 def _vault(args: argparse.Namespace) -> Vault:
-    return Vault(args.vault if args.vault is not None else Vault.default_path())
+    if args.vault is not None:
+        return Vault(args.vault)
+    return Vault(_setting("vault") or Vault.default_path())
 
 
 def _read_key(provider: str) -> str:

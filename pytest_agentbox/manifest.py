@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from pytest_agentbox.errors import ManifestError
+from pytest_agentbox.options import check_image_ref
 from pytest_agentbox.rules import (
     check_auth_style,
     check_base_path,
@@ -176,9 +177,6 @@ class Resources(BaseModel):
         return int(match[1]) * _SIZE_UNITS[match[2]]
 
 
-_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
-
-
 class Runtime(BaseModel):
     """How the agent runs: image, setup command (as the user), run command, limits."""
 
@@ -188,14 +186,15 @@ class Runtime(BaseModel):
     setup_command: str | None = None
     run_command: str | None = None
     resources: Resources = Resources()
+    # gvisor runs the sandbox under runsc; runc is the engine's usual runtime. The
+    # --agentbox-runtime option and a test's runtime= beat it (options.py).
+    isolation: Literal["gvisor", "runc"] | None = None
 
     @field_validator("image")
     @classmethod
     def _image(cls, value: str | None) -> str | None:
-        # A leading '-' would be read as an option by anything that shells out.
-        if value is not None and not _IMAGE_RE.match(value):
-            raise ValueError(f"{value!r} is not a Docker image reference such as 'python:3.12'")
-        return value
+        # One rule for the manifest and the --agentbox-image option.
+        return value if value is None else check_image_ref(value)
 
     @field_validator("setup_command", "run_command")
     @classmethod

@@ -2,13 +2,15 @@
 
 Fixtures: ``sandbox``, ``sandbox_factory``, ``vault``, ``fake_upstream``,
 ``agentbox_manifest``. Markers: ``agentbox(...)``, ``agentbox_keys(...)``,
-``agentbox_network(...)``.
+``agentbox_network(...)``. For a ``conftest.py``: :func:`run_state` (this run's state,
+manifest and once-per-run clean-up) and :func:`agentbox_settings` (every option's
+resolved value and where it came from). Options come from one table in
+:mod:`pytest_agentbox.options`.
 """
 
 from __future__ import annotations
 
 import atexit
-import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext as _nullcontext
 from pathlib import Path
@@ -16,18 +18,18 @@ from typing import Any
 
 import pytest
 
+from . import options as abs_options
 from . import session as abs_session
 from .errors import AgentboxError, DockerUnavailable, KeyMissing, ManifestError
+from .options import OptionError
 
 _STATE_KEY = pytest.StashKey["abs_session.RunState"]()
 _SANDBOXES = pytest.StashKey[list]()
 _CALL_FAILED = pytest.StashKey[bool]()
 
-_PATH_OPTIONS = ("manifest", "vault", "state-dir")
-
 _MARKERS = (
-    "agentbox(**overrides): per-test sandbox overrides: image=, setup_command=, resources=, "
-    "keys=, network=, network_unrestricted=, state=, timeout=",
+    "agentbox(**overrides): per-test sandbox overrides: image=, runtime=, setup_command=, "
+    "resources=, keys=, network=, network_unrestricted=, state=, timeout=",
     "agentbox_keys(*providers): keys this test needs; the sandbox gets a session token and a "
     "local base URL for each",
     "agentbox_network(*domains): extra domains this test's sandbox may reach",
@@ -36,53 +38,43 @@ _MARKERS = (
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("agentbox", "hardened Docker sandboxes for agent tests")
-
-    def both(name: str, help: str, *, flag: bool = False, default: Any = None) -> None:
-        opt = "--agentbox-" + name
-        ini = "agentbox_" + name.replace("-", "_")
-        if flag:
-            group.addoption(opt, action="store_true", default=None, help=help)
-            parser.addini(ini, help, type="bool", default=bool(default))
+    # Registered from the one table; ini keys are read as text (or lines) and parsed
+    # by options.py, so a bad value gets the same message from every source.
+    for opt in abs_options.OPTIONS:
+        text = f"{opt.help} (default: {opt.shown_default}; env {opt.env})"
+        if opt.kind == "bool":
+            group.addoption(opt.flag, action="store_true", default=None, help=text)
         else:
-            group.addoption(opt, default=None, metavar="VALUE", help=help)
-            parser.addini(ini, help, default=default)
-
-    both("manifest", "agent manifest (agent.yaml) the sandboxes are made from")
-    both("image", f"sandbox image (default {abs_session.DEFAULT_IMAGE})")
-    both("keep-on-failure", "keep a failing test's sandbox and print how to enter it", flag=True)
-    both(
-        "require-docker",
-        "fail (instead of skip) sandbox tests when no Docker engine answers; CI sets this",
-        flag=True,
-    )
-    both("strict-keys", "fail (instead of skip) tests whose required key is missing", flag=True)
-    both("vault", "key vault file (default: a fresh vault per test; env AGENTBOX_VAULT)")
-    both("state-dir", "where persisted sandbox state lives (default: .pytest_cache/agentbox)")
-    both(
-        "egress-network",
-        "Docker network the egress proxy sidecar joins (default: bridge)",
-        default="bridge",
-    )
-    both("timeout", "default timeout of sandbox.run, seconds (default 300)", default="300")
-    both("state-max-mb", "cap on one persisted state's total size, MB (default 1024)")
-    both("state-max-files", "cap on one persisted state's member count (default 100000)")
-    parser.addini(
-        "agentbox_fake_upstream_domains",
-        "extra domain names the fake_upstream fixture answers for",
-        type="linelist",
-        default=[],
-    )
+            metavar = opt.name.rsplit("-", 1)[-1].upper()
+            group.addoption(opt.flag, default=None, metavar=metavar, help=text)
+        kind = "linelist" if opt.kind == "linelist" else "string"
+        parser.addini(opt.ini, text, type=kind, default=[] if kind == "linelist" else "")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for line in _MARKERS:
         config.addinivalue_line("markers", line)
     try:
-        state = abs_session.RunState(_Options(config))
-    except ManifestError as exc:
+        settings = _resolve(config)
+        state = abs_session.RunState(
+            settings, rootpath=config.rootpath, cache_dir=_cache_dir(config)
+        )
+    except (ManifestError, OptionError) as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_STATE_KEY] = state
     atexit.register(abs_session.close_all)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A bad per-test option value is a usage error before any sandbox is made, not a
+    # failure found an hour into the run.
+    settings = agentbox_settings(config)
+    for item in items:
+        for mark in item.iter_markers("agentbox"):
+            try:
+                settings.for_test(mark.kwargs, where=f"the agentbox marker of {item.nodeid}")
+            except OptionError as exc:
+                raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -95,38 +87,38 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     abs_session.close_all()
 
 
-class _Options:
-    """Option values with the precedence command line > ini > environment > default."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self._config = config
-
-    def get(self, name: str) -> Any:
-        cli = self._config.getoption("--agentbox-" + name)
-        if cli is not None:
-            return cli
-        ini = self._config.getini("agentbox_" + name.replace("-", "_"))
-        if ini not in (None, "", []):
-            # Paths in an ini file are relative to that file, wherever pytest runs from.
-            if name in _PATH_OPTIONS and self._config.inipath is not None:
-                return str(self._config.inipath.parent / ini)
-            return ini
-        return os.environ.get("AGENTBOX_" + name.upper().replace("-", "_")) or None
-
-    @property
-    def rootpath(self) -> Path:
-        return self._config.rootpath
-
-    @property
-    def cache_dir(self) -> Path:
-        try:
-            return Path(self._config.getini("cache_dir") or ".pytest_cache")
-        except ValueError:  # -p no:cacheprovider removes the ini key, not the need
-            return Path(".pytest_cache")
+def _resolve(config: pytest.Config) -> abs_options.Settings:
+    """The run-wide settings: command line > environment > ini > default."""
+    cli = {o.name: config.getoption(o.flag) for o in abs_options.OPTIONS}
+    ini = {o.name: config.getini(o.ini) for o in abs_options.OPTIONS}
+    return abs_options.resolve(
+        cli=cli,
+        ini=ini,
+        # Paths in an ini file are relative to that file, wherever pytest runs from.
+        ini_dir=config.inipath.parent if config.inipath is not None else None,
+        cwd=config.invocation_params.dir,
+    )
 
 
-def _state(config: pytest.Config) -> abs_session.RunState:
+def _cache_dir(config: pytest.Config) -> Path:
+    try:
+        return Path(config.getini("cache_dir") or ".pytest_cache")
+    except ValueError:  # -p no:cacheprovider removes the ini key, not the need
+        return Path(".pytest_cache")
+
+
+def run_state(config: pytest.Config) -> abs_session.RunState:
+    """This run's :class:`~pytest_agentbox.session.RunState` (settings, manifest, clean-up).
+
+    The supported way for a ``conftest.py`` to reach the plugin's per-run state, e.g.
+    ``run_state(config).clean_up_once(client)`` or ``run_state(config).default_image``.
+    """
     return config.stash[_STATE_KEY]
+
+
+def agentbox_settings(config: pytest.Config) -> abs_options.Settings:
+    """This run's resolved option values; ``.get(name)`` and ``.source(name)`` per option."""
+    return run_state(config).settings
 
 
 # ---- reports ---------------------------------------------------------------------
@@ -169,20 +161,20 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 @pytest.fixture(scope="session")
 def agentbox_manifest(pytestconfig: pytest.Config) -> Any:
     """The loaded manifest (a pydantic model), or the built-in default without one."""
-    return _state(pytestconfig).manifest
+    return run_state(pytestconfig).manifest
 
 
 @pytest.fixture
 def vault(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     """The key vault: ``--agentbox-vault`` when set, else a fresh one for this test."""
-    return _state(request.config).open_vault(tmp_path)
+    return run_state(request.config).open_vault(tmp_path)
 
 
 @pytest.fixture(scope="session")
 def _agentbox_upstream(request: pytest.FixtureRequest) -> Iterator[Any]:
-    state = _state(request.config)
+    state = run_state(request.config)
     with _engine_guard(state):
-        extra = request.config.getini("agentbox_fake_upstream_domains")
+        extra = state.settings.get("fake-upstream-domains")
         upstream = state.start_fake_upstream(tuple(extra))
     try:
         yield upstream
@@ -200,7 +192,7 @@ def fake_upstream(_agentbox_upstream: Any) -> Any:
 @pytest.fixture
 def sandbox_factory(request: pytest.FixtureRequest, vault: Any) -> Iterator[Callable[..., Any]]:
     """Make sandboxes: ``sandbox_factory(**overrides)``; each is removed at test end."""
-    state = _state(request.config)
+    state = run_state(request.config)
     item = request.node
     made: list[Any] = item.stash.setdefault(_SANDBOXES, [])
     upstream = (

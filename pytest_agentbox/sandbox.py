@@ -128,6 +128,9 @@ class SandboxConfig:
     state_limits: Any = None  # state.Limits
     timeout: float = DEFAULT_TIMEOUT
     setup_timeout: float = 900.0
+    # Docker runtime of the sandbox's container (e.g. "runsc" for gVisor); None: the
+    # engine's default. Set from --agentbox-runtime, runtime= or manifest isolation.
+    runtime: str | None = None
     run_id: str = field(default_factory=paths.token)
     host_env: Mapping[str, str] | None = None  # defaults to os.environ
     progress: Callable[[str], None] | None = None

@@ -1,7 +1,7 @@
 """Per-run state behind the plugin: options, manifest, once-per-run work, statistics.
 
 Kept apart from ``plugin.py`` so that the hooks stay thin and everything here can be
-driven without pytest (``RunState(options)`` takes any object with ``get(name)``).
+driven without pytest (``RunState(settings)`` takes :class:`pytest_agentbox.options.Settings`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from . import cleanup, engine, paths
 from .engine import DEFAULT_IMAGE
 from .errors import KeyMissing, ManifestError
+from .options import OptionError, Settings, isolation_runtime, marker_keys
+from .options import resolve as resolve_options
 
 # Kept light on purpose: the plugin loads this in every pytest run of an environment
 # where pytest-agentbox is installed, and in every xdist process. pydantic (manifest),
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_IMAGE", "STATS", "RunState", "close_all", "report_sections", "setup_summary"]
 
 DECOY_DOMAIN = "decoy.agentbox.test"
-_TEST_ONLY_OVERRIDES = ("state", "cap_add", "timeout", "image")
+_TEST_ONLY_OVERRIDES = ("state", "cap_add")
 
 
 @dataclass
@@ -123,21 +125,34 @@ def _tail(text: str, lines: int = 30) -> str:
 class RunState:
     """Options and once-per-run work for one pytest process (controller or worker)."""
 
-    def __init__(self, options: Any) -> None:
-        self.options = options
-        self.image_option: str | None = options.get("image")
-        self.keep_on_failure = bool(options.get("keep-on-failure"))
-        self.require_docker = bool(options.get("require-docker"))
-        self.strict_keys = bool(options.get("strict-keys"))
-        self.vault_path: str | None = options.get("vault")
-        self.egress_network: str = options.get("egress-network") or "bridge"
-        self.timeout = float(options.get("timeout") or 300)
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        rootpath: Path | None = None,
+        cache_dir: Path = Path(".pytest_cache"),
+    ) -> None:
+        """``settings`` from :func:`pytest_agentbox.options.resolve` (default: resolved
+        from the environment alone); ``rootpath`` and ``cache_dir`` place the default
+        state directory."""
+        self.settings = settings if settings is not None else resolve_options()
+        get = self.settings.get
+        self.rootpath = rootpath if rootpath is not None else Path.cwd()
+        self.cache_dir = cache_dir
+        self.image_option: str | None = self.settings.explicit("image")
+        self.keep_on_failure: bool = get("keep-on-failure")
+        self.require_docker: bool = get("require-docker")
+        self.strict_keys: bool = get("strict-keys")
+        self.vault_path: str | None = get("vault")
+        self.egress_network: str = get("egress-network")
+        self.timeout: float = get("timeout")
         self.run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or paths.token()
-        self._state_dir: str | None = options.get("state-dir")
-        self.state_max_mb = float(options.get("state-max-mb") or 1024)
-        self.state_max_files = int(options.get("state-max-files") or 100_000)
+        self._state_dir: str | None = get("state-dir")
+        self.state_max_mb: float = get("state-max-mb")
+        self.state_max_files: int = get("state-max-files")
+        self.state_max_seconds: float = get("state-max-seconds")
         self._cleaned = 0
-        manifest_path = options.get("manifest")
+        manifest_path = get("manifest")
         self.manifest_path = Path(manifest_path).resolve() if manifest_path else None
         self._manifest: Manifest | None = None
         if self.manifest_path:  # a bad manifest is a usage error at start-up, not per test
@@ -155,7 +170,18 @@ class RunState:
 
     def header_lines(self) -> list[str]:
         where = self.manifest_path or "none (built-in defaults)"
-        return [f"agentbox: manifest {where}; image {self.default_image}; run {self.run_id}"]
+        runtime = f"; runtime {self.default_runtime}" if self.default_runtime else ""
+        return [
+            f"agentbox: manifest {where}; image {self.default_image}{runtime}; run {self.run_id}"
+        ]
+
+    @property
+    def default_runtime(self) -> str | None:
+        """The Docker runtime of sandboxes without a per-test ``runtime=`` (None: engine's)."""
+        from_manifest = (
+            isolation_runtime(self._manifest.runtime.isolation) if self._manifest else None
+        )
+        return self.settings.explicit("runtime") or from_manifest
 
     @property
     def default_image(self) -> str:
@@ -166,7 +192,7 @@ class RunState:
     def state_dir(self) -> Path:
         if self._state_dir:
             return Path(self._state_dir)
-        return Path(self.options.rootpath) / self.options.cache_dir / "agentbox" / "state"
+        return self.rootpath / self.cache_dir / "agentbox" / "state"
 
     # ---- once per run, shared by xdist workers --------------------------------
 
@@ -175,8 +201,12 @@ class RunState:
         d.mkdir(mode=0o700, exist_ok=True)
         return d
 
-    def _once_per_run(self, client: Any) -> None:
-        """Remove leaked objects of dead owners, once per run, behind a file lock."""
+    def clean_up_once(self, client: Any) -> None:
+        """Remove leaked objects of dead owners, once per run, behind a file lock.
+
+        The plugin calls it before the first sandbox; a ``conftest.py`` that plants
+        leftovers on purpose calls it first, so that no worker removes them mid-test.
+        """
         if getattr(self, "_gc_done", False):
             return
         shared = self._shared_dir()
@@ -214,7 +244,7 @@ class RunState:
         from .manifest import KNOWN_PROVIDERS
 
         client = engine.get_client()
-        self._once_per_run(client)
+        self.clean_up_once(client)
         domains = [p.domain for p in KNOWN_PROVIDERS.values()]
         domains += [r.domain for r in self.manifest.permissions.network if "*" not in r.domain]
         domains += [k.domain for k in self.manifest.keys if k.domain]
@@ -237,7 +267,18 @@ class RunState:
         merged: dict[str, Any] = {}
         for mark in reversed(list(item.iter_markers("agentbox"))):
             merged.update(mark.kwargs)
+        # Per-test option values (image, runtime, timeout) beat every run-wide source,
+        # and a factory call beats the markers; taken out of the manifest overrides so
+        # that the manifest's own values rank below the run's options.
+        try:
+            settings = self.settings.for_test(
+                merged, where=f"the agentbox marker of {item.nodeid}"
+            ).for_test(overrides, where=f"sandbox_factory() in {item.nodeid}")
+        except OptionError as exc:
+            raise ManifestError(str(exc)) from None
         merged.update(overrides)
+        for key in marker_keys():
+            merged.pop(key, None)
         extra_keys = [p for m in item.iter_markers("agentbox_keys") for p in m.args]
         extra_net = [d for m in item.iter_markers("agentbox_network") for d in m.args]
         if extra_net:
@@ -246,7 +287,7 @@ class RunState:
         unknown = set(rest) - set(_TEST_ONLY_OVERRIDES)
         if unknown:
             raise ManifestError(
-                f"unknown sandbox override(s) {sorted(unknown)}; allowed: image, "
+                f"unknown sandbox override(s) {sorted(unknown)}; allowed: image, runtime, "
                 "setup_command, run_command, resources, keys, network, network_unrestricted, "
                 "state, timeout, cap_add"
             )
@@ -262,7 +303,8 @@ class RunState:
         )
         state_key = rest.get("state")
         config = SandboxConfig(
-            image=rest.get("image") or self.image_option or manifest.runtime.image or DEFAULT_IMAGE,
+            image=settings.explicit("image") or manifest.runtime.image or DEFAULT_IMAGE,
+            runtime=settings.explicit("runtime") or isolation_runtime(manifest.runtime.isolation),
             code_dir=self.manifest_path.parent if self.manifest_path else None,
             setup_command=manifest.runtime.setup_command,
             resources=manifest.runtime.resources,
@@ -277,8 +319,9 @@ class RunState:
             state_limits=Limits(
                 max_total_bytes=int(self.state_max_mb * 1024 * 1024),
                 max_members=self.state_max_files,
+                max_seconds=self.state_max_seconds,
             ),
-            timeout=float(rest.get("timeout") or self.timeout),
+            timeout=settings.get("timeout"),
             run_id=self.run_id,
         )
         if "cap_add" in rest:
@@ -303,7 +346,7 @@ class RunState:
         from .sandbox import Sandbox
 
         client = engine.get_client()
-        self._once_per_run(client)
+        self.clean_up_once(client)
         return Sandbox.create(config, client, on_created=on_created)
 
 

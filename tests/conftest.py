@@ -1,7 +1,8 @@
 """Shared fixtures of the project's own tests.
 
 Docker-backed tests get the engine through ``docker_client``: skipped with one reason
-when no engine answers, failed when ``--agentbox-require-docker`` is given (CI).
+when no engine answers, failed when Docker is required (``--agentbox-require-docker``,
+``AGENTBOX_REQUIRE_DOCKER`` or the ini key; CI).
 """
 
 from __future__ import annotations
@@ -21,31 +22,31 @@ import pytest
 
 from pytest_agentbox import engine, paths
 from pytest_agentbox.errors import DockerUnavailable, ImageMissing
-from pytest_agentbox.sandbox import DEFAULT_IMAGE, Sandbox, SandboxConfig
+from pytest_agentbox.plugin import run_state
+from pytest_agentbox.sandbox import Sandbox, SandboxConfig
 
 
 @pytest.fixture(scope="session")
 def docker_client(pytestconfig: pytest.Config) -> Any:
+    state = run_state(pytestconfig)
     try:
         client = engine.get_client()
         engine.ensure_image(client, image_name(pytestconfig))
     except (DockerUnavailable, ImageMissing) as exc:
-        if pytestconfig.getoption("--agentbox-require-docker") or pytestconfig.getini(
-            "agentbox_require_docker"
-        ):
+        # The plugin's one precedence: --agentbox-require-docker, AGENTBOX_REQUIRE_DOCKER
+        # or agentbox_require_docker in the ini file.
+        if state.require_docker:
             pytest.fail(str(exc), pytrace=False)
         pytest.skip(str(exc))
     # This run's once-per-run clean-up of dead owners' leftovers happens now, before any
     # test plants leftovers on purpose: otherwise another worker's first sandbox could
     # remove them mid-test.
-    from pytest_agentbox.plugin import _state
-
-    _state(pytestconfig)._once_per_run(client)
+    state.clean_up_once(client)
     return client
 
 
 def image_name(config: pytest.Config) -> str:
-    return config.getoption("--agentbox-image") or config.getini("agentbox_image") or DEFAULT_IMAGE
+    return run_state(config).default_image
 
 
 @pytest.fixture(scope="session")

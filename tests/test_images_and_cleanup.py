@@ -158,14 +158,14 @@ def test_state_list_and_clear(tmp_path: Path) -> None:
 def test_a_failing_clean_up_warns_and_never_fails_the_test(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
+    from pytest_agentbox.options import resolve
     from pytest_agentbox.session import RunState
 
     def broken_list(**_: Any) -> list[Any]:
         raise RuntimeError("engine hiccup")
 
-    options = SimpleNamespace(get=lambda _name: None, rootpath=tmp_path, cache_dir=Path(".c"))
-    state = RunState(options)
+    state = RunState(resolve(env={}), rootpath=tmp_path, cache_dir=Path(".c"))
     state.run_id = secrets.token_hex(8)
     client = SimpleNamespace(containers=SimpleNamespace(list=broken_list))
     with pytest.warns(UserWarning, match="clean-up of leaked resources failed: engine hiccup"):
-        state._once_per_run(client)
+        state.clean_up_once(client)
