@@ -130,6 +130,8 @@ class Option:
             return "false"
         if self.default in (None, [], ""):
             return "none"
+        if isinstance(self.default, float):
+            return f"{self.default:g}"
         return str(self.default)
 
 
@@ -175,11 +177,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "timeout", "float", 300.0, "default timeout of sandbox.run, seconds", marker=True,
-        minimum=0, allowed="a number of seconds greater than 0", default_doc="300",
+        minimum=0, allowed="a number of seconds greater than 0",
     ),
     Option(
         "state-max-mb", "float", 1024.0, "cap on one persisted state's total size, MB",
-        minimum=0, allowed="a number of megabytes greater than 0", default_doc="1024",
+        minimum=0, allowed="a number of megabytes greater than 0",
     ),
     Option(
         "state-max-files", "int", 100_000, "cap on one persisted state's member count",
@@ -187,7 +189,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "state-max-seconds", "float", 120.0, "time limit of one state snapshot or restore, s",
-        minimum=0, allowed="a number of seconds greater than 0", default_doc="120",
+        minimum=0, allowed="a number of seconds greater than 0",
     ),
     Option(
         "fake-upstream-domains", "linelist", [],

@@ -41,7 +41,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     # Registered from the one table; ini keys are read as text (or lines) and parsed
     # by options.py, so a bad value gets the same message from every source.
     for opt in abs_options.OPTIONS:
-        text = f"{opt.help} (default: {opt.shown_default}; env {opt.env})"
+        shown = opt.shown_default.replace("`", "")
+        text = f"{opt.help} (default: {shown}; env {opt.env})"
         if opt.kind == "bool":
             group.addoption(opt.flag, action="store_true", default=None, help=text)
         else:
