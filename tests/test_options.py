@@ -274,6 +274,25 @@ def test_bad_marker_value_is_a_usage_error_before_any_test_runs(
     assert "1 passed" not in result.stdout.str()
 
 
+def test_bad_marker_value_under_xdist_fails_that_test_with_the_same_message(
+    pytester: pytest.Pytester,
+) -> None:
+    # Workers cannot stop the run with a usage error (xdist reports an INTERNALERROR).
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.agentbox(timeout="soon")
+        def test_bad(sandbox):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "1", "-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert "INTERNALERROR" not in out
+    assert "agentbox option timeout: 'soon' from the agentbox marker of" in out, out
+
+
 def test_bad_manifest_isolation_is_one_readable_error(pytester: pytest.Pytester) -> None:
     pytester.makefile(".yaml", agent="name: demo\nruntime: {isolation: firecracker}\n")
     pytester.makepyfile("def test_x():\n    pass\n")
@@ -452,3 +471,23 @@ def test_agentbox_egress_network_env_reaches_the_sidecar(
     result.assert_outcomes(errors=1)
     out = result.stdout.str()
     assert re.search(rf"egress network '{missing}' does not exist", out), out[-3000:]
+
+
+# ---- the agentbox command reads the same settings ----------------------------------
+
+
+def test_cli_reads_state_dir_and_vault_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pytest_agentbox import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AGENTBOX_STATE_DIR", "from-env")
+    assert cli.main(["state", "list"]) == 0
+    assert f"no stored state in {tmp_path / 'from-env'}" in capsys.readouterr().out
+    assert cli.main(["state", "list", "--state-dir", "flag"]) == 0
+    assert "no stored state in flag" in capsys.readouterr().out
+    monkeypatch.setenv("AGENTBOX_VAULT", str(tmp_path / "env-vault.json"))
+    monkeypatch.setenv("AGENTBOX_VAULT_PASSWORD", secrets.token_hex(16))
+    assert cli.main(["keys", "list"]) == 0
+    assert str(tmp_path / "env-vault.json") in capsys.readouterr().err
