@@ -122,6 +122,11 @@ class Option:
         return self.name.replace("-", "_") if self.marker else None
 
     @property
+    def allowed_text(self) -> str:
+        """What a valid value is, in words (the end of every error message)."""
+        return self.allowed or _KIND_ALLOWED[self.kind]
+
+    @property
     def shown_default(self) -> str:
         """The default as the README and ``--help`` show it."""
         if self.default_doc:
@@ -219,9 +224,8 @@ _KIND_ALLOWED = {
 
 
 def _fail(opt: Option, raw: Any, origin: str, why: str) -> OptionError:
-    allowed = opt.allowed or _KIND_ALLOWED[opt.kind]
     return OptionError(
-        f"agentbox option {opt.name}: {raw!r} from {origin} {why}; allowed: {allowed}"
+        f"agentbox option {opt.name}: {raw!r} from {origin} {why}; allowed: {opt.allowed_text}"
     )
 
 
@@ -335,7 +339,7 @@ class Settings:
         values, sources = dict(self.values), dict(self.sources)
         for opt in OPTIONS:
             key = opt.marker_key
-            if key is None or key not in overrides:
+            if key is None or overrides.get(key) is None:  # image=None: no override
                 continue
             origin = f"{where} ({key}=)"
             values[opt.name] = parse_value(opt, overrides[key], origin)

@@ -36,6 +36,13 @@ _MARKERS = (
 )
 
 
+# ini types pytest parses natively, so that a TOML `agentbox_require_docker = true` or
+# `agentbox_timeout = 5` under [tool.pytest] is read; the rest are text options.py parses.
+_INI_TYPES = {"bool": "bool", "linelist": "linelist"}
+if pytest.version_tuple >= (8, 4):  # the int and float ini types are new in 8.4
+    _INI_TYPES.update({"int": "int", "float": "float"})
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("agentbox", "hardened Docker sandboxes for agent tests")
     # Registered from the one table; ini keys are read as text (or lines) and parsed
@@ -48,8 +55,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             metavar = opt.name.rsplit("-", 1)[-1].upper()
             group.addoption(opt.flag, default=None, metavar=metavar, help=text)
-        kind = "linelist" if opt.kind == "linelist" else "string"
-        parser.addini(opt.ini, text, type=kind, default=[] if kind == "linelist" else "")
+        kind = _INI_TYPES.get(opt.kind, "string")
+        # default None: an unset key must stay distinguishable from one set to false/0.
+        parser.addini(opt.ini, text, type=kind, default=[] if kind == "linelist" else None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -94,7 +102,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def _resolve(config: pytest.Config) -> abs_options.Settings:
     """The run-wide settings: command line > environment > ini > default."""
     cli = {o.name: config.getoption(o.flag) for o in abs_options.OPTIONS}
-    ini = {o.name: config.getini(o.ini) for o in abs_options.OPTIONS}
+    ini = {o.name: _getini(config, o) for o in abs_options.OPTIONS}
     return abs_options.resolve(
         cli=cli,
         ini=ini,
@@ -102,6 +110,16 @@ def _resolve(config: pytest.Config) -> abs_options.Settings:
         ini_dir=config.inipath.parent if config.inipath is not None else None,
         cwd=config.invocation_params.dir,
     )
+
+
+def _getini(config: pytest.Config, opt: abs_options.Option) -> Any:
+    try:
+        return config.getini(opt.ini)
+    except (ValueError, TypeError) as exc:  # pytest's own parse of a bool/int/float key
+        raise OptionError(
+            f"agentbox option {opt.name}: the ini file ({opt.ini}) holds a value pytest "
+            f"cannot read ({exc}); allowed: {opt.allowed_text}"
+        ) from None
 
 
 def _cache_dir(config: pytest.Config) -> Path:

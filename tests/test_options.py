@@ -142,6 +142,7 @@ def test_marker_beats_command_line() -> None:
     t = s.for_test({"timeout": 2, "image": "marker/img:1", "network": ["x.test"]})
     assert (t.get("timeout"), t.get("image")) == (2.0, "marker/img:1")
     assert s.get("timeout") == 5.0, "per-test values do not change the run's"
+    assert s.for_test({"image": None}).get("image") == "cli/img:1", "None is no override"
 
 
 def test_an_empty_environment_variable_counts_as_unset() -> None:
@@ -252,6 +253,27 @@ def test_bad_run_wide_value_is_a_usage_error(
     for word in words:
         assert word in err, (word, err)
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(pytest.version_tuple < (9,), reason="native [tool.pytest] is pytest 9")
+def test_native_toml_values_are_read(pytester: pytest.Pytester) -> None:
+    pytester.makepyprojecttoml(
+        "[tool.pytest]\nagentbox_require_docker = true\nagentbox_timeout = 5\n"
+        'agentbox_state_max_files = 7\nagentbox_fake_upstream_domains = ["a.test"]\n'
+    )
+    got = probe(pytester)
+    assert (got["require_docker"], got["timeout"], got["domains"]) == (True, 5.0, ["a.test"])
+
+
+@pytest.mark.skipif(pytest.version_tuple < (9,), reason="native [tool.pytest] is pytest 9")
+def test_native_toml_value_of_the_wrong_type_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyprojecttoml('[tool.pytest]\nagentbox_require_docker = "maybe"\n')
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest_inprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert "agentbox option require-docker" in err and "agentbox_require_docker" in err, err
+    assert "true or false" in err, err
 
 
 def test_bad_marker_value_is_a_usage_error_before_any_test_runs(
