@@ -45,8 +45,8 @@ if pytest.version_tuple >= (8, 4):  # the int and float ini types are new in 8.4
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("agentbox", "hardened Docker sandboxes for agent tests")
-    # Registered from the one table; ini keys are read as text (or lines) and parsed
-    # by options.py, so a bad value gets the same message from every source.
+    # Registered from the one table. options.py parses every value (pytest only reads
+    # the ini types it has), so a bad value names its option and source wherever it is.
     for opt in abs_options.OPTIONS:
         shown = opt.shown_default.replace("`", "")
         text = f"{opt.help} (default: {shown}; env {opt.env})"
