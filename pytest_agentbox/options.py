@@ -224,8 +224,11 @@ _KIND_ALLOWED = {
 
 
 def _fail(opt: Option, raw: Any, origin: str, why: str) -> OptionError:
+    shown = repr(raw)
+    if len(shown) > 80:  # a runaway environment variable must not flood the terminal
+        shown = shown[:77] + "..."
     return OptionError(
-        f"agentbox option {opt.name}: {raw!r} from {origin} {why}; allowed: {opt.allowed_text}"
+        f"agentbox option {opt.name}: {shown} from {origin} {why}; allowed: {opt.allowed_text}"
     )
 
 
@@ -319,7 +322,7 @@ class Settings:
         return self.values[option(name).name]
 
     def source(self, name: str) -> str:
-        """Where ``name``'s value came from: ``command line (--agentbox-...)`` and so on."""
+        """Where ``name``'s value came from, e.g. ``the environment (AGENTBOX_TIMEOUT)``."""
         return self.sources[option(name).name]
 
     def is_default(self, name: str) -> bool:
