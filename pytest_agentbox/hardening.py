@@ -363,7 +363,9 @@ def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
 
     Fail closed: a setuid/setgid file that could not be stripped always aborts; a
     ``/proc`` without ``hidepid=2`` aborts when keys are in use (the key proxy's process
-    would be visible to the agent) and is only a warning otherwise.
+    would be visible to the agent) and is only a warning otherwise. A root file system
+    left writable, or a user whose home is not the capped home volume, always aborts:
+    the agent could otherwise write past its storage cap onto the host's disk.
     """
     from .errors import HardeningError
 
@@ -388,24 +390,6 @@ def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
             "user commands safe from the agent's own leftover processes. Use an image whose "
             "python3 finds its standard library from a pyvenv.cfg (CPython 3.3+ does)."
         )
-    storage = result.get("storage")
-    if storage is not None:
-        home = user.get("home")
-        if home != storage.get("home"):
-            raise HardeningError(
-                f"image {image!r}: the sandbox user's home is {home!r}, but the sandbox's "
-                f"capped writable storage is {storage.get('home')!r} (the root file system is "
-                "read-only). Use an image whose user's home is /home/<user>, or another user "
-                "name (SandboxConfig.user)."
-            )
-        if not storage.get("root_readonly"):
-            raise HardeningError(
-                "sandbox hardening failed closed: the root file system could not be made "
-                f"read-only ({storage.get('root_readonly_error') or 'unknown reason'}), so "
-                "the agent could write past its storage cap onto the host's disk. The "
-                "sandbox needs CAP_SYS_ADMIN for its root setup step and an engine that "
-                "allows the remount (no AppArmor profile denying mount)."
-            )
     if result.get("left"):
         raise HardeningError(
             "sandbox hardening failed: setuid/setgid files remain after stripping: "
@@ -430,4 +414,22 @@ def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
         warnings.append(
             f"/proc is not mounted with hidepid=2 ({why}); no keys are in use, continuing"
         )
+    storage = result.get("storage")
+    if storage is not None:
+        home = user.get("home")
+        if home != storage.get("home"):
+            raise HardeningError(
+                f"image {image!r}: the sandbox user's home is {home!r}, but the sandbox's "
+                f"capped writable storage is {storage.get('home')!r} (the root file system is "
+                "read-only). Use an image whose user's home is /home/<user>, or another user "
+                "name (SandboxConfig.user)."
+            )
+        if not storage.get("root_readonly"):
+            raise HardeningError(
+                "sandbox hardening failed closed: the root file system could not be made "
+                f"read-only ({storage.get('root_readonly_error') or 'unknown reason'}), so "
+                "the agent could write past its storage cap onto the host's disk. The "
+                "sandbox needs CAP_SYS_ADMIN for its root setup step and an engine that "
+                "allows the remount (no AppArmor profile denying mount)."
+            )
     return warnings
