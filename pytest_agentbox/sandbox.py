@@ -59,10 +59,12 @@ FORWARDED_ENV = (
     "FORCE_COLOR",
 )
 
-# The root steps need these and nothing else: SYS_ADMIN for the hidepid remount,
-# CHOWN/FOWNER to create the user's home and strip setuid bits from files root does not
-# own. User processes never hold them: non-root + no-new-privileges clears them.
-HARDENING_CAPS = ("SYS_ADMIN", "CHOWN", "FOWNER")
+# The root steps need these and nothing else: SYS_ADMIN for the hidepid and read-only
+# remounts, CHOWN/FOWNER to create the user's home, fill it from the image and strip
+# setuid bits from files root does not own, KILL for the main process to end the
+# agent's processes when a failing sandbox is kept. User processes never hold them:
+# non-root + no-new-privileges clears them.
+HARDENING_CAPS = ("SYS_ADMIN", "CHOWN", "FOWNER", "KILL")
 
 _PATH = ":".join(engine.SYSTEM_DIRS)
 
