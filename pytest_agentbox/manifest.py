@@ -145,9 +145,6 @@ class NetworkRule(BaseModel):
 
 
 _MIN_DISK = 1024**2
-# The writable storage a sandbox gets unless told otherwise: enough for a virtualenv or
-# a model cache of some size, well inside the default memory (tmpfs pages count there).
-DEFAULT_DISK = 512 * 1024**2
 
 
 def _parse_size(value: Any, field: str, minimum: int) -> str:
@@ -184,7 +181,8 @@ class Resources(BaseModel):
 
     ``disk`` caps each of the sandbox's writable places, the home and ``/tmp``
     (everything else is read-only). Both live in memory, so what is written there also
-    counts against ``memory``. Unset, it is 512m, or half of ``memory`` when that is less.
+    counts against ``memory``. Unset, it is a quarter of ``memory`` (256m of the default
+    1g): both places full still leave half the memory to the agent's processes.
     """
 
     model_config = _FROZEN
@@ -227,7 +225,7 @@ class Resources(BaseModel):
         """The cap of the home and of ``/tmp`` (each) in bytes, the default applied."""
         if self.disk is not None:
             return _size_bytes(self.disk)
-        return min(DEFAULT_DISK, self.memory_bytes // 2)
+        return self.memory_bytes // 4
 
 
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")

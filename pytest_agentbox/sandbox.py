@@ -534,8 +534,21 @@ class Sandbox:
             data = engine.tar_directory(self.config.code_dir, uid=uid, gid=gid, prefix=app)
         else:
             data = engine.tar_bytes([], uid=uid, gid=gid, dirs=[(app, 0o755)])
-        if not self.container.put_archive(self.home, data):
+        if not self._put_home(data, "the code directory"):
             raise AgentboxError(f"could not create {self.workdir} in the sandbox")
+
+    def _put_home(self, data: Any, what: str) -> bool:
+        """Unpack a tar into the home through the engine, naming the cap when it is full."""
+        try:
+            return bool(self.container.put_archive(self.home, data))
+        except Exception as exc:
+            if "no space left on device" not in str(exc).lower():
+                raise
+            cap = format_size(self.config.resources.disk_bytes)
+            raise AgentboxError(
+                f"{what} does not fit into the sandbox's home ({cap} cap). Raise "
+                "resources.disk (and memory with it: the home is held in memory)."
+            ) from None
 
     def _restore_state(self) -> None:
         from . import state
@@ -551,7 +564,7 @@ class Sandbox:
             report = state.clean_tar(src, clean, limits=limits, uid=self.user["uid"],
                                      gid=self.user["gid"])  # fmt: skip
             clean.seek(0)
-            self.container.put_archive(self.home, clean)
+            self._put_home(clean, f"the stored state of {self.config.state_scope!r}")
         if report.dropped:
             self.warnings.append(f"state restore dropped: {report.summary()}")
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import as_root, built_image, ours, start_holding_run
 
 from pytest_agentbox import cleanup, hardening, paths
-from pytest_agentbox.errors import ManifestError
+from pytest_agentbox.errors import AgentboxError, ManifestError
 from pytest_agentbox.manifest import Resources, manifest_from_dict
 from pytest_agentbox.state import StateStore
 
@@ -38,10 +38,10 @@ def host_free(docker_client: Any) -> int:
 # ---------------------------------------------------------------- the manifest field
 
 
-def test_disk_defaults_to_512m_or_half_the_memory() -> None:
-    assert Resources().disk is None and Resources().disk_bytes == 512 * MIB
-    assert Resources(memory="256m").disk_bytes == 128 * MIB
-    assert Resources(memory="4g").disk_bytes == 512 * MIB
+def test_disk_defaults_to_a_quarter_of_the_memory() -> None:
+    assert Resources().disk is None and Resources().disk_bytes == 256 * MIB
+    assert Resources(memory="16m").disk_bytes == 4 * MIB
+    assert Resources(memory="4g").disk_bytes == 1024 * MIB
     assert Resources(memory="4g", disk="2G").disk_bytes == 2 * 1024 * MIB
     got = manifest_from_dict({"name": "a", "runtime": {"resources": {"disk": "64m"}}})
     assert got.runtime.resources.disk == "64m"
@@ -147,6 +147,12 @@ def test_everything_but_the_capped_places_is_read_only_and_setup_still_works(
     again = make_sandbox(state_scope=scope, state_store=store)
     assert again.read_file(f"{again.home}/state/s") == b"from-setup\n"
     assert again.run("ls /tmp").stdout == ""  # /tmp starts empty, as after a boot
+
+
+def test_code_larger_than_the_cap_fails_with_what_to_do(make_sandbox: Any, tmp_path: Path) -> None:
+    (tmp_path / "blob").write_bytes(os.urandom(3 * MIB))
+    with pytest.raises(AgentboxError, match=r"code directory does not fit .*\(2m cap\)"):
+        make_sandbox(code_dir=tmp_path, resources=Resources(disk="2m"))
 
 
 def test_the_home_is_filled_from_the_image_without_setid_bits(
