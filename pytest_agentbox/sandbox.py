@@ -8,7 +8,8 @@ Usable without pytest::
 
 Setup order (any failure removes everything made so far): container (non-root user for
 all user code, no-new-privileges, capabilities dropped, limits, allowlisted env, owner
-labels) -> start -> hardening as root -> agent code and persisted state -> the root
+labels; the home and /tmp are size-capped tmpfs volumes) -> start -> hardening as root
+(ending with / read-only) -> agent code and persisted state -> the root
 forwarder to the sidecar's sockets -> ``setup_command`` as the user. When traffic may
 leave or keys are in use, the sidecar (egress proxy and key proxy, in a container of
 its own) starts in a thread meanwhile; the forwarder waits for it.
