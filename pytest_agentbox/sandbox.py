@@ -314,7 +314,7 @@ class Sandbox:
                         data = archive.read(MAX_HOME_SEED + 1) or b""
             finally:
                 with contextlib.suppress(Exception):
-                    probe.remove(force=True)
+                    probe.remove(force=True, v=True)  # and any image VOLUME it made
         if len(data) > MAX_HOME_SEED:
             raise AgentboxError(
                 f"image {self.config.image!r}: its {key[1]} holds more than "
