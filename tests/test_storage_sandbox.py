@@ -115,6 +115,15 @@ def test_writing_past_the_cap_fails_and_the_host_disk_is_untouched(
     assert sb.storage_usage()[sb.home][1] == cap
 
 
+def test_what_the_home_holds_counts_against_memory(make_sandbox: Any) -> None:
+    sb = make_sandbox(resources=Resources(memory="96m", disk="64m"))
+    grab = "python3 -c 'b = bytearray(48 * 2**20); b[::4096] = b\"x\" * len(b[::4096])'"
+    assert sb.run(grab).ok  # 48m for a process fits in 96m...
+    assert sb.run("dd if=/dev/zero of=$HOME/f bs=1M count=60 2>/dev/null").ok
+    assert not sb.run(grab).ok  # ...but not beside 60m of files: the kernel kills it
+    assert sb.run(f"rm $HOME/f && {grab}").ok
+
+
 def test_everything_but_the_capped_places_is_read_only_and_setup_still_works(
     make_sandbox: Any, tmp_path: Path
 ) -> None:
