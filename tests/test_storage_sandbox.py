@@ -7,9 +7,12 @@ hardening. These tests write past the caps and watch the host's disk.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import as_root, built_image, ours, start_holding_run
 
-from pytest_agentbox import cleanup, hardening, paths
+from pytest_agentbox import cleanup, engine, hardening, paths
 from pytest_agentbox.errors import AgentboxError, ManifestError
 from pytest_agentbox.manifest import Resources, manifest_from_dict
 from pytest_agentbox.state import StateStore
@@ -242,6 +245,26 @@ def test_volumes_of_a_killed_run_go_with_the_dead_owner_clean_up(
     proc.wait(timeout=30)
     cleanup.collect(docker_client)
     assert ours(docker_client, run_id) == []
+
+
+def test_agentbox_gc_removes_a_dead_owners_storage_volume(docker_client: Any) -> None:
+    owner = paths.Owner.current("dead-" + secrets.token_hex(4))
+    labels = owner.labels("storage")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    labels[paths.LABEL_OWNER_PID] = str(gone.pid)
+    vol = engine.create_tmpfs_volume(docker_client, paths.unique_name("storage"), labels, size=MIB)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest_agentbox.cli", "gc"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        # Another run's clean-up may have been quicker; either way the volume is gone.
+        assert out.returncode == 0, out.stderr
+        assert docker_client.volumes.list(filters={"name": vol.name}) == []
+    finally:
+        with contextlib.suppress(Exception):
+            vol.remove(force=True)
 
 
 FILLS_ITS_HOME = """
