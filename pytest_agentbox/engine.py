@@ -70,6 +70,42 @@ def ensure_image(client: Any, image: str) -> None:
     _images_seen.add(image)
 
 
+def create_tmpfs_volume(
+    client: Any, name: str, labels: Mapping[str, str], *, size: int, mode: int = 0o700
+) -> Any:
+    """A named volume that is a size-limited tmpfs (RAM, never the host's disk).
+
+    Named rather than ``--tmpfs``: the engine's archive API, which uploads code and
+    state and takes the snapshots, sees named volumes but not tmpfs mounts. The tmpfs
+    is mounted when a container starts and dropped, contents and all, when it stops.
+    The engine's copy of the image's files into a new volume is lost with it (the copy
+    is mounted, made and unmounted at create time), so the volume starts empty.
+    """
+    opts = {"type": "tmpfs", "device": "tmpfs", "o": f"size={size},mode={mode:o},nodev,nosuid"}
+    return client.volumes.create(name=name, driver="local", driver_opts=opts, labels=dict(labels))
+
+
+@functools.cache
+def _engine_info(client: Any) -> tuple[str, str]:
+    info = client.info()
+    status = dict(tuple(pair) for pair in info.get("DriverStatus") or [] if len(pair) == 2)
+    return str(info.get("Driver", "")), str(status.get("Backing Filesystem", ""))
+
+
+def storage_quota(client: Any) -> str:
+    """Why the engine cannot cap a container's own writable layer (we then use tmpfs).
+
+    Only overlay2 on xfs mounted with ``pquota`` (and a few rarer drivers) honour
+    ``--storage-opt size=``; none of those is used or tested here, so this only names
+    the engine's storage for the report.
+    """
+    try:
+        driver, backing = _engine_info(client)
+    except Exception as exc:  # only a description: never the reason a sandbox fails
+        return f"unknown ({type(exc).__name__})"
+    return f"none ({driver or 'unknown driver'} on {backing or 'unknown file system'})"
+
+
 @dataclass
 class ExecOutput:
     """What one exec printed, and how it ended."""

@@ -16,18 +16,24 @@ Steps, in order:
 3. remount ``/proc`` with ``hidepid=2`` and read ``/proc/mounts`` back to verify it;
 4. write the CA bundle when extra CAs are given (the fake upstream's test CA);
 5. report the interpreter every later step runs (absolute, and only if root owns it and
-   every directory above it, so nothing but root can swap it).
+   every directory above it, so nothing but root can swap it);
+6. remount ``/`` read-only, last: from here on the agent can write only to its home and
+   ``/tmp`` (size-capped tmpfs volumes, filled from the image's home in step 1) and the
+   engine's 64m ``/dev/shm``.
 
 Every program it runs is named by absolute path, never found through PATH.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import stat
 import subprocess
 import sys
+import tarfile
 
 ESCALATION_TOOLS = ("sudo", "sudoedit", "su", "doas", "pkexec", "runuser", "newgrp", "sg")
 BIN_DIRS = ("/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
@@ -78,6 +84,77 @@ def _ensure_user(name: str, uid: int) -> dict:
             fh.write(f"{name}:!:19000::::::\n")
     os.makedirs(home, mode=0o750, exist_ok=True)  # chowned by _make_dirs
     return {"name": name, "uid": uid, "gid": uid, "home": home, "created": True}
+
+
+def _seed_home(home: str, seed: str, user: dict) -> dict:
+    """Fill the empty home volume with the image's own home (a tar the host read from it).
+
+    The tar comes from the untouched image, through the engine, before anything ran here;
+    it is still unpacked defensively: plain names only, no device or fifo, no setuid or
+    setgid bit, nothing followed through a link. Directory owners and modes are applied
+    last, deepest first: root holds no CAP_DAC_OVERRIDE, so it must not lock itself out.
+    """
+    dirs = []
+    top = None
+    files = 0
+    if seed:
+        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(seed)), mode="r:") as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if not parts or parts[0] in ("", ".", "..") or ".." in parts or "" in parts[1:]:
+                    continue
+                if len(parts) == 1:  # the home itself
+                    top = member if member.isdir() else top
+                    continue
+                path = os.path.join(home, *parts[1:])
+                if os.path.realpath(os.path.dirname(path)) != os.path.dirname(path):
+                    continue  # under a link the tar made: it could point anywhere
+                mode = member.mode & 0o1777
+                if member.isdir():
+                    os.mkdir(path, 0o700)
+                    dirs.append((path, member))
+                elif member.issym():
+                    os.symlink(member.linkname, path)
+                    os.chown(path, member.uid, member.gid, follow_symlinks=False)
+                elif member.isreg() or member.islnk():
+                    src = tar.extractfile(member)
+                    if src is None:
+                        continue
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                    with os.fdopen(fd, "wb") as dst:
+                        while chunk := src.read(1 << 20):
+                            dst.write(chunk)
+                        os.fchown(dst.fileno(), member.uid, member.gid)
+                        os.fchmod(dst.fileno(), mode)
+                    os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+                    files += 1
+    for path, member in reversed(dirs):
+        os.chown(path, member.uid, member.gid, follow_symlinks=False)
+        os.chmod(path, member.mode & 0o1777)
+    if top is not None:
+        uid, gid, mode = top.uid, top.gid, top.mode & 0o1777
+    else:  # the image has no such directory: the user's own, as a created user's is
+        uid, gid, mode = user["uid"], user["gid"], 0o750
+    os.chown(home, uid, gid)
+    os.chmod(home, mode)
+    return {"seeded_files": files}
+
+
+def _read_only_root() -> dict:
+    """Remount ``/`` read-only (this mount only: the engine's own view stays writable).
+
+    A mount flag the agent cannot clear: it holds no capability, and a user namespace
+    it might make locks inherited flags. Read back rather than trusted.
+    """
+    mount = _program("mount")
+    error = ""
+    try:
+        proc = subprocess.run([mount, "-o", "remount,bind,ro", "/"], capture_output=True)
+        error = proc.stderr.decode("utf-8", "replace").strip()
+    except OSError as exc:
+        error = f"no mount program ({exc})"
+    ok = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
+    return {"root_readonly": ok, "root_readonly_error": "" if ok else (error or "not applied")}
 
 
 def _privileged_files(roots: list) -> list:
@@ -254,6 +331,10 @@ def _install_ca(ca: dict) -> dict:
 def main() -> int:
     opts = json.loads(sys.stdin.readline())  # after this file's own source, see the docstring
     result = {"user": _ensure_user(opts["user"], int(opts["uid"]))}
+    storage = dict(opts.get("storage") or {})
+    if storage.get("home") and storage["home"] == result["user"]["home"]:
+        storage.update(_seed_home(storage["home"], storage.pop("seed", ""), result["user"]))
+    storage.pop("seed", None)
     result.update(_make_dirs(opts, result["user"]))
     result.update(_strip_privileges(opts.get("setid"), list(opts.get("volumes") or [])))
     result.update(_hidepid())
@@ -263,6 +344,9 @@ def main() -> int:
     result["python"] = os.path.realpath(sys.executable)
     result["python_unsafe"] = _root_only(sys.executable)
     result.update(_runner_python(opts["tools_dir"] + "-py", result["python"]))
+    if storage:
+        storage.update(_read_only_root())
+        result["storage"] = storage
     print(json.dumps(result))
     return 0
 
@@ -279,7 +363,9 @@ def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
 
     Fail closed: a setuid/setgid file that could not be stripped always aborts; a
     ``/proc`` without ``hidepid=2`` aborts when keys are in use (the key proxy's process
-    would be visible to the agent) and is only a warning otherwise.
+    would be visible to the agent) and is only a warning otherwise. A root file system
+    left writable, or a user whose home is not the capped home volume, always aborts:
+    the agent could otherwise write past its storage cap onto the host's disk.
     """
     from .errors import HardeningError
 
@@ -328,4 +414,22 @@ def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
         warnings.append(
             f"/proc is not mounted with hidepid=2 ({why}); no keys are in use, continuing"
         )
+    storage = result.get("storage")
+    if storage is not None:
+        home = user.get("home")
+        if home != storage.get("home"):
+            raise HardeningError(
+                f"image {image!r}: the sandbox user's home is {home!r}, but the sandbox's "
+                f"capped writable storage is {storage.get('home')!r} (the root file system is "
+                "read-only). Use an image whose user's home is /home/<user>, or another user "
+                "name (SandboxConfig.user)."
+            )
+        if not storage.get("root_readonly"):
+            raise HardeningError(
+                "sandbox hardening failed closed: the root file system could not be made "
+                f"read-only ({storage.get('root_readonly_error') or 'unknown reason'}), so "
+                "the agent could write past its storage cap onto the host's disk. The "
+                "sandbox needs CAP_SYS_ADMIN for its root setup step and an engine that "
+                "allows the remount (no AppArmor profile denying mount)."
+            )
     return warnings

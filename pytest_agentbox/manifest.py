@@ -145,8 +145,46 @@ class NetworkRule(BaseModel):
         return normalize_domain(value, allow_wildcard=True)
 
 
+_MIN_DISK = 1024**2
+
+
+def _parse_size(value: Any, field: str, minimum: int) -> str:
+    """A Docker-style size (``512m``), lower-cased; ValueError with the rule otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a size such as '512m' or '2g'")
+    size = value.strip().lower()
+    match = _SIZE_RE.match(size)
+    if not match:
+        raise ValueError(f"{value!r} is not a size; use digits and one of b, k, m, g ('512m')")
+    if int(match[1]) * _SIZE_UNITS[match[2]] < minimum:
+        raise ValueError(f"{value!r} is below the minimum of {minimum // 2**20}m")
+    return size
+
+
+def _size_bytes(size: str) -> int:
+    match = _SIZE_RE.match(size)
+    assert match  # guaranteed by the validators
+    return int(match[1]) * _SIZE_UNITS[match[2]]
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes the way sizes are written here: ``512m``, ``1.5g``, ``64k``."""
+    for unit, factor in (("g", 1024**3), ("m", 1024**2), ("k", 1024)):
+        if n >= factor:
+            return f"{n / factor:.1f}".removesuffix(".0") + unit
+    return f"{n}b"
+
+
 class Resources(BaseModel):
-    """Container limits: memory (Docker size such as ``512m``), CPUs and process count."""
+    """Container limits: memory (Docker size such as ``512m``), CPUs, process count, disk.
+
+    ``disk`` caps each of the sandbox's writable places, the home and ``/tmp``
+    (everything else is read-only). Both live in memory, so what is written there also
+    counts against ``memory``. Unset, it is a quarter of ``memory`` (256m of the default
+    1g): both places full still leave half the memory to the agent's processes.
+    """
 
     model_config = _FROZEN
 
@@ -154,27 +192,41 @@ class Resources(BaseModel):
     cpus: float = Field(1.0, strict=True, gt=0, le=64, allow_inf_nan=False)
     pids: int = Field(512, strict=True, ge=16, le=32768)
 
+    disk: str | None = None
+
     @field_validator("memory", mode="before")
     @classmethod
     def _memory(cls, value: Any) -> str:
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str):
-            raise ValueError("memory must be a size such as '512m' or '2g'")
-        size = value.strip().lower()
-        match = _SIZE_RE.match(size)
-        if not match:
-            raise ValueError(f"{value!r} is not a size; use digits and one of b, k, m, g ('512m')")
-        if int(match[1]) * _SIZE_UNITS[match[2]] < _MIN_MEMORY:
-            raise ValueError(f"{value!r} is below the minimum of 16m")
-        return size
+        return _parse_size(value, "memory", _MIN_MEMORY)
+
+    @field_validator("disk", mode="before")
+    @classmethod
+    def _disk(cls, value: Any) -> str | None:
+        return None if value is None else _parse_size(value, "disk", _MIN_DISK)
+
+    @model_validator(mode="after")
+    def _disk_fits_memory(self) -> Resources:
+        # A cap above the memory limit could never be reached: the kernel would kill the
+        # writer for memory first, which reads as a crash instead of "disk full".
+        if self.disk is not None and _size_bytes(self.disk) > self.memory_bytes:
+            raise ValueError(
+                f"disk {self.disk!r} is more than memory {self.memory!r}: the sandbox's home "
+                "and /tmp are in-memory file systems whose contents count against memory; "
+                "raise memory along with disk"
+            )
+        return self
 
     @property
     def memory_bytes(self) -> int:
         """The memory limit in bytes."""
-        match = _SIZE_RE.match(self.memory)
-        assert match  # guaranteed by the validator
-        return int(match[1]) * _SIZE_UNITS[match[2]]
+        return _size_bytes(self.memory)
+
+    @property
+    def disk_bytes(self) -> int:
+        """The cap of the home and of ``/tmp`` (each) in bytes, the default applied."""
+        if self.disk is not None:
+            return _size_bytes(self.disk)
+        return self.memory_bytes // 4
 
 
 class Runtime(BaseModel):

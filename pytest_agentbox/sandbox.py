@@ -8,7 +8,8 @@ Usable without pytest::
 
 Setup order (any failure removes everything made so far): container (non-root user for
 all user code, no-new-privileges, capabilities dropped, limits, allowlisted env, owner
-labels) -> start -> hardening as root -> agent code and persisted state -> the root
+labels; the home and /tmp are size-capped tmpfs volumes) -> start -> hardening as root
+(ending with / read-only) -> agent code and persisted state -> the root
 forwarder to the sidecar's sockets -> ``setup_command`` as the user. When traffic may
 leave or keys are in use, the sidecar (egress proxy and key proxy, in a container of
 its own) starts in a thread meanwhile; the forwarder waits for it.
@@ -21,6 +22,7 @@ and uploads are unpacked by the agent user itself. Every user process starts thr
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import queue
@@ -39,7 +41,7 @@ from typing import Any
 from . import engine, hardening, paths
 from .engine import DEFAULT_IMAGE
 from .errors import AgentboxError, HardeningError, KeyProxyError, SetupCommandFailed
-from .manifest import KeyRoute, Resources
+from .manifest import KeyRoute, Resources, format_size
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -58,17 +60,31 @@ FORWARDED_ENV = (
     "FORCE_COLOR",
 )
 
-# The root steps need these and nothing else: SYS_ADMIN for the hidepid remount,
-# CHOWN/FOWNER to create the user's home and strip setuid bits from files root does not
-# own. User processes never hold them: non-root + no-new-privileges clears them.
-HARDENING_CAPS = ("SYS_ADMIN", "CHOWN", "FOWNER")
+# The root steps need these and nothing else: SYS_ADMIN for the hidepid and read-only
+# remounts, CHOWN/FOWNER to create the user's home, fill it from the image and strip
+# setuid bits from files root does not own, KILL for the main process to end the
+# agent's processes when a failing sandbox is kept. User processes never hold them:
+# non-root + no-new-privileges clears them.
+HARDENING_CAPS = ("SYS_ADMIN", "CHOWN", "FOWNER", "KILL")
 
 _PATH = ":".join(engine.SYSTEM_DIRS)
 
 # The container's main process: it reads its stdin (the owner's attach socket) until
-# end-of-file, so the container stops as soon as the owning process is gone. Absolute
-# path, shell builtins only.
-_MAIN = ["/bin/sh", "-c", "while read -r _; do :; done"]
+# end-of-file, so the container stops as soon as the owning process is gone. Only the
+# owner can send it "keep" (the agent has no way to its stdin): then it ends every other
+# process, as a restart would, and stays up without stdin, so the in-memory home and
+# /tmp survive for the person who steps in. Absolute paths, no PATH lookup.
+_MAIN = [
+    "/bin/sh",
+    "-c",
+    'while read -r line; do if [ "$line" = keep ]; then kill -9 -1; '
+    "for s in /bin/sleep /usr/bin/sleep; do [ -x $s ] && exec $s 2147483647; done; fi; done",
+]
+_KEEP = b"keep\n"
+
+# The largest image home copied into each sandbox's home volume (through the root
+# step's stdin); a larger one is refused with what to do about it.
+MAX_HOME_SEED = 32 * 1024 * 1024
 
 
 def _runner_source() -> str:
@@ -84,6 +100,10 @@ _LIVE_LOCK = threading.Lock()
 # Image id -> the setuid/setgid files its first sandbox in this process found; later
 # sandboxes of the same (immutable) image strip and verify that list without a rescan.
 _SETID_SCANS: dict[str, list[str]] = {}
+
+# (image id, home) -> the image's home as a tar (base64, "" when it has none): read once
+# per process from a never-started container, then copied into every sandbox's home.
+_HOME_SEEDS: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)
@@ -151,6 +171,7 @@ class Sandbox:
         self.container: Any = None
         self.sidecar: Any = None  # sidecar.Sidecar
         self.volume: Any = None
+        self.storage_volumes: list[Any] = []  # the home's and /tmp's tmpfs volumes
         self._channel: Any = None  # the owner's attach socket to the main process
         self._python = ""  # the image's python3, absolute, checked root-owned by hardening
         self._runner_python = ""  # its execute-only copy, which user commands start from
@@ -249,8 +270,9 @@ class Sandbox:
             )
             with self._step("create container"):
                 self._create_container(owner)
+            seed = self._home_seed(owner)
             with self._step("harden"):
-                report = self._harden()
+                report = self._harden(seed)
             if cfg.code_dir is not None or not report.get("app"):
                 with self._step("upload code"):
                     self._upload_code()
@@ -269,13 +291,52 @@ class Sandbox:
             with self._step("setup_command"):
                 self._run_setup_command(cfg.setup_command)
 
-    def _harden(self) -> dict[str, Any]:
+    @property
+    def _storage_home(self) -> str:
+        return f"/home/{self.config.user}"
+
+    def _home_seed(self, owner: paths.Owner) -> str:
+        """The image's own home as a tar for hardening to copy into the home volume.
+
+        Read through the engine from a container that never starts (the sandbox's own
+        would show the empty volume), once per image and process.
+        """
+        key = (str(self.container.attrs.get("Image", "")), self._storage_home)
+        if key in _HOME_SEEDS:
+            return _HOME_SEEDS[key]
+        with self._step("read image home"):
+            probe = self._client.containers.create(
+                key[0], entrypoint=["/bin/true"], command=[], network_mode="none",
+                name=paths.unique_name("seed"), labels=owner.labels("seed"),
+            )  # fmt: skip
+            try:
+                archive = engine.open_engine_archive(probe, key[1])
+                data = b""
+                if archive is not None:
+                    with archive:
+                        data = archive.read(MAX_HOME_SEED + 1) or b""
+            finally:
+                with contextlib.suppress(Exception):
+                    probe.remove(force=True, v=True)  # and any image VOLUME it made
+        if len(data) > MAX_HOME_SEED:
+            raise AgentboxError(
+                f"image {self.config.image!r}: its {key[1]} holds more than "
+                f"{MAX_HOME_SEED // 2**20} MiB, which would be copied into every sandbox's "
+                "in-memory home. Install large things outside the home (e.g. /opt or "
+                "/usr/local) in the image."
+            )
+        _HOME_SEEDS[key] = seed = base64.b64encode(data).decode()
+        return seed
+
+    def _harden(self, seed: str) -> dict[str, Any]:
         image_id = str(self.container.attrs.get("Image", ""))
+        ours = {self._egress_dir, self._storage_home, "/tmp"}
         # Image VOLUMEs are file systems of their own, filled from the image: scanned too.
+        # Not the home and /tmp: nosuid, and filled only by the root step, setid bits off.
         volumes = [
             m["Destination"]
             for m in self.container.attrs.get("Mounts") or []
-            if m.get("Type") == "volume" and m.get("Destination") != self._egress_dir
+            if m.get("Type") == "volume" and m.get("Destination") not in ours
         ]
         opts = {
             "user": self.config.user,
@@ -292,6 +353,14 @@ class Sandbox:
             "ca": {"path": self._ca_bundle, "pem": self.config.extra_ca_pem}
             if self.config.extra_ca_pem
             else None,
+            "storage": {
+                "mode": "tmpfs volumes, read-only root",
+                "home": self._storage_home,
+                "tmp": "/tmp",
+                "cap": format_size(self.config.resources.disk_bytes),
+                "quota": engine.storage_quota(self._client),
+                "seed": seed,
+            },
         }
         argv, source = engine.tool_command("hardening.py")
         report = self._root_json(argv, stdin=source + json.dumps(opts).encode() + b"\n")
@@ -315,6 +384,15 @@ class Sandbox:
         volumes = {}
         if self.volume is not None:
             volumes[self.volume.name] = {"bind": self._egress_dir, "mode": "rw"}
+        # The only places the agent can write once hardening made / read-only: RAM,
+        # capped, gone with the container (so the snapshot is taken while it runs).
+        for where, mode in ((self._storage_home, 0o700), ("/tmp", 0o1777)):
+            vol = engine.create_tmpfs_volume(
+                self._client, paths.unique_name("storage"), owner.labels("storage"),
+                size=res.disk_bytes, mode=mode,
+            )  # fmt: skip
+            self.storage_volumes.append(vol)
+            volumes[vol.name] = {"bind": where, "mode": "rw"}
         self.container = self._client.containers.create(
             cfg.image,
             # Neither the image's ENTRYPOINT nor its HEALTHCHECK may run: both would run
@@ -460,8 +538,21 @@ class Sandbox:
             data = engine.tar_directory(self.config.code_dir, uid=uid, gid=gid, prefix=app)
         else:
             data = engine.tar_bytes([], uid=uid, gid=gid, dirs=[(app, 0o755)])
-        if not self.container.put_archive(self.home, data):
+        if not self._put_home(data, "the code directory"):
             raise AgentboxError(f"could not create {self.workdir} in the sandbox")
+
+    def _put_home(self, data: Any, what: str) -> bool:
+        """Unpack a tar into the home through the engine, naming the cap when it is full."""
+        try:
+            return bool(self.container.put_archive(self.home, data))
+        except Exception as exc:
+            if "no space left on device" not in str(exc).lower():
+                raise
+            cap = format_size(self.config.resources.disk_bytes)
+            raise AgentboxError(
+                f"{what} does not fit into the sandbox's home ({cap} cap). Raise "
+                "resources.disk (and memory with it: the home is held in memory)."
+            ) from None
 
     def _restore_state(self) -> None:
         from . import state
@@ -477,7 +568,7 @@ class Sandbox:
             report = state.clean_tar(src, clean, limits=limits, uid=self.user["uid"],
                                      gid=self.user["gid"])  # fmt: skip
             clean.seek(0)
-            self.container.put_archive(self.home, clean)
+            self._put_home(clean, f"the stored state of {self.config.state_scope!r}")
         if report.dropped:
             self.warnings.append(f"state restore dropped: {report.summary()}")
 
@@ -676,8 +767,45 @@ class Sandbox:
                         f"{t.get('host')}:{t.get('port')} ({t.get('listener')}, id {t.get('id')})"
                         for t in still
                     )
+        if full := self._storage_full():
+            logs["storage"] = full
         self.logs = logs
         return logs
+
+    def storage_usage(self) -> dict[str, tuple[int, int]]:
+        """Bytes used and the cap, per writable place (the home and ``/tmp``).
+
+        Read as the agent user (through the runner, like any user command), so it is
+        what the agent itself would see; {} when the sandbox cannot answer.
+        """
+        if self.container is None or not self._runner_python or not self.storage_volumes:
+            return {}
+        script = (
+            "import json,os,sys\n"
+            "out={}\n"
+            "for p in sys.argv[1:]:\n"
+            " s=os.statvfs(p); out[p]=[(s.f_blocks-s.f_bfree)*s.f_frsize,s.f_blocks*s.f_frsize]\n"
+            "print(json.dumps(out))"
+        )
+        argv = [self._runner_python, "-I", "-S", "-c", script, self.home, "/tmp"]
+        try:
+            out = self._user_exec(self._user_argv("run", "30", *argv), timeout=30)
+            found = json.loads(out.stdout.decode()[:4096])
+            return {str(k): (int(v[0]), int(v[1])) for k, v in found.items()}
+        except Exception:  # the agent's user could have broken it: a report, not a verdict
+            return {}
+
+    def _storage_full(self) -> str:
+        """Which writable places are (nearly) full, for the report ("" when none is)."""
+        lines = []
+        for path, (used, cap) in self.storage_usage().items():
+            if cap and cap - used < max(4096, cap // 100):
+                lines.append(
+                    f"storage: {path} full ({format_size(cap)} cap): writes there failed with "
+                    "'No space left on device'. Raise resources.disk (and memory with it: "
+                    "the home and /tmp are held in memory)."
+                )
+        return "\n".join(lines)
 
     def close(self, *, keep: bool = False) -> None:
         """Snapshot state and remove everything; ``keep`` leaves it running.
@@ -712,9 +840,10 @@ class Sandbox:
             if channel is not None:
                 with contextlib.suppress(OSError):
                     channel.close()
-        if self.volume is not None:
-            with contextlib.suppress(Exception):
-                self.volume.remove(force=True)
+        for vol in [self.volume, *self.storage_volumes]:
+            if vol is not None:
+                with contextlib.suppress(Exception):
+                    vol.remove(force=True)
         if self.container is not None:
             with _LIVE_LOCK:
                 _LIVE.pop(self.container.id, None)
@@ -723,18 +852,27 @@ class Sandbox:
     def _keep(self) -> None:
         """Leave the agent's container for a person to step into, without its keys.
 
-        The sidecar ends now (keys never outlive the test). The container is restarted
-        so that its main process no longer waits on our attach socket, which closes when
-        this process exits: its files stay, the test's processes are gone.
+        The sidecar ends now (keys never outlive the test). The main process is told to
+        end every other process and stay up once our attach socket closes (it does when
+        this process exits). No restart: the home and /tmp are in memory and would be
+        lost, and no root exec: user code has run.
         """
         if self.sidecar is not None:
             self.sidecar.close()
         if self._channel is not None:
             with contextlib.suppress(OSError):
+                self._channel.sendall(_KEEP)  # read before the end-of-file that follows
+            with contextlib.suppress(OSError):
                 self._channel.close()
         if self.container is not None:
             with contextlib.suppress(Exception):
-                self.container.restart(timeout=1)
+                time.sleep(0.3)
+                self.container.reload()
+                if self.container.status != "running":
+                    self.warnings.append(
+                        "the kept sandbox stopped (its image has no /bin/sleep to wait with): "
+                        "its in-memory home and /tmp are gone"
+                    )
 
     def __enter__(self) -> Sandbox:
         return self

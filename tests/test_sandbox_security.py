@@ -109,11 +109,15 @@ def test_hidepid_impossible_with_keys_fails_closed(
     assert ours(docker_client, run_id) == []
 
 
-def test_hidepid_impossible_without_keys_continues_with_warning(make_sandbox: Any) -> None:
+def test_without_sys_admin_and_keys_fails_closed_on_the_read_only_root(
+    make_sandbox: Any,
+) -> None:
+    # Without keys a /proc lacking hidepid=2 is only a warning (test_storage_sandbox.py
+    # checks that rule), but the root file system must become read-only regardless:
+    # otherwise the agent could write past its storage cap onto the host's disk.
     no_sys_admin = tuple(c for c in HARDENING_CAPS if c != "SYS_ADMIN")
-    sb = make_sandbox(cap_add=no_sys_admin)
-    assert any("hidepid=2" in w for w in sb.warnings)
-    assert sb.run("true").exit_code == 0
+    with pytest.raises(HardeningError, match="could not be made read-only"):
+        make_sandbox(cap_add=no_sys_admin)
 
 
 def test_setup_command_runs_as_user_after_hardening(sandbox_factory: Any) -> None:
@@ -225,7 +229,8 @@ def test_spawn_speaks_ndjson(sandbox: Any) -> None:
 
 def test_agent_can_write_its_own_dirs_but_not_the_system(sandbox: Any) -> None:
     r = sandbox.run("touch /etc/x 2>&1; mkdir -p ~/workspace && touch ~/workspace/ok && echo ok")
-    assert "Permission denied" in r.stdout and r.stdout.strip().endswith("ok")
+    # Refused twice over: /etc is root's, and the root file system is read-only.
+    assert "Read-only file system" in r.stdout and r.stdout.strip().endswith("ok")
     assert json.loads(sandbox.run("python3 -c 'import json,os;print(json.dumps(os.getuid()))'")
                       .stdout) != 0  # fmt: skip
 
