@@ -110,7 +110,7 @@ def exec_start(
     cmd: list[str],
     *,
     user: str,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str | None] | None = None,
     workdir: str | None = None,
     timeout: float | None = None,
 ) -> tuple[str, socket.socket]:
@@ -185,7 +185,7 @@ def exec_run(
     *,
     user: str,
     stdin: bytes | None = None,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str | None] | None = None,
     workdir: str | None = None,
     timeout: float | None = 120.0,
     max_output: int = MAX_OUTPUT,

@@ -506,11 +506,32 @@ class Sandbox:
 
     # ---- the user-facing API -------------------------------------------------------
 
-    def _user_env(self, env: Mapping[str, str] | None) -> dict[str, str]:
-        merged = dict(self._env)
+    def _user_env(self, env: Mapping[str, str] | None) -> dict[str, str | None]:
+        """The runner's exec environment: the agent's, minus every loader variable.
+
+        The loader and libc act on LD_PRELOAD, GCONV_PATH, MALLOC_* ... as the runner's
+        interpreter starts, before its seccomp filter is in: the runner gets none of them
+        (None unsets one the image's ENV sets, which every exec inherits) and hands the
+        real values, the image's included, to the command alone.
+        """
+        from .runner import CHILD_ENV, is_loader_variable
+
+        merged: dict[str, str | None] = dict(self._env)
         if env:
             merged.update(env)
+        image = dict(v.split("=", 1) for v in self._container_env() if "=" in v)
+        handed = {k: v for k, v in image.items() if is_loader_variable(k)}
+        handed.update({k: v for k, v in merged.items() if is_loader_variable(k) and v is not None})
+        for name in {*handed, *(k for k in merged if is_loader_variable(k))}:
+            merged[name] = None
+        merged[CHILD_ENV] = json.dumps(handed)
         return merged
+
+    def _container_env(self) -> list[str]:
+        # What the engine gives every exec in this container before ours: image ENV
+        # merged with the create-time environment (read once, at creation).
+        attrs = getattr(self.container, "attrs", None) or {}
+        return list((attrs.get("Config") or {}).get("Env") or [])
 
     def _user_argv(self, mode: str, *args: str) -> list[str]:
         """argv of one runner call: the only way anything runs as the user."""

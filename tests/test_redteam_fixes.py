@@ -1,0 +1,121 @@
+"""The red-team findings left from the hardening round (issue 11), each against a real
+container unless it is pure logic: loader variables, the timeout's kill, exec errors,
+the filter's unknown-arch message, daemon errors, root-step messages, redaction of every
+report section, host memory bounds, attach sockets in forked children, the root guard."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from pytest_agentbox import runner
+
+FILTER = (Path(runner.__file__).parent / "userfilter.py").read_text()
+RUNNER = Path(runner.__file__).read_text()
+
+
+# --- 1. loader variables never reach the runner's interpreter ------------------------
+
+
+def _programs(sb: Any, pattern: str) -> list[str]:
+    """The programs the loader logged for (LD_DEBUG=files), from the agent's own files."""
+    out = sb.run(
+        f"find / -xdev -name '{pattern}' -user {sb.user['uid']} 2>/dev/null "
+        "| xargs -r grep -h 'initialize program:'",
+        env={"LD_DEBUG": "", "LD_DEBUG_OUTPUT": ""},
+    )
+    lines = out.stdout.splitlines()
+    return sorted(line.split("initialize program:", 1)[1].strip() for line in lines)
+
+
+def test_loader_variables_of_a_command_reach_only_the_command(sandbox: Any) -> None:
+    tag = secrets.token_hex(6)
+    missing = f"/nonexistent/agentbox-{tag}.so"
+    env = {
+        "LD_PRELOAD": missing, "LD_DEBUG": "files", "LD_DEBUG_OUTPUT": f"/tmp/ld-{tag}",
+        "GCONV_PATH": f"/nonexistent/gconv-{tag}", "MALLOC_ARENA_MAX": "2",
+    }  # fmt: skip
+    script = "echo $LD_PRELOAD $GCONV_PATH $MALLOC_ARENA_MAX"
+    r = sandbox.run(["/bin/sh", "-c", script], env=env)
+    assert r.ok, r.stderr
+    assert r.stdout.split() == [missing, env["GCONV_PATH"], "2"]
+    # The loader saw the preload once: in the command, never in the runner's python.
+    assert r.stderr.count("cannot be preloaded") == 1, r.stderr
+    assert _programs(sandbox, f"ld-{tag}.*") == ["/bin/sh"]
+    assert "AGENTBOX_CHILD_ENV" not in sandbox.run("env").stdout
+
+
+def test_loader_variables_of_the_image_reach_only_the_command(
+    docker_client: Any, base_image: str, make_sandbox: Any
+) -> None:
+    from conftest import built_image
+
+    tag = secrets.token_hex(6)
+    # A preload that exists (libc itself): the root steps run with the image's ENV too.
+    line = f"ENV LD_PRELOAD=libc.so.6 LD_DEBUG=files LD_DEBUG_OUTPUT=/tmp/img-{tag}"
+    with built_image(docker_client, "loaderenv", base_image, line) as image:
+        sb = make_sandbox(image=image)
+        r = sb.run(["/bin/sh", "-c", "echo $LD_PRELOAD $LD_DEBUG"])
+        assert r.ok and r.stdout.split() == ["libc.so.6", "files"], (r.stdout, r.stderr)
+        assert _programs(sb, f"img-{tag}.*") == ["/bin/sh"]
+
+
+def test_runner_refuses_when_a_loader_variable_reaches_it() -> None:
+    env = {"PATH": os.environ["PATH"], "LD_BIND_NOW": "1"}
+    r = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", FILTER + "\n" + RUNNER, "run", "30", "echo", "RAN"],
+        capture_output=True, text=True, env=env, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 126 and "RAN" not in r.stdout, (r.returncode, r.stdout)
+    assert "loader variables reached the runner (LD_BIND_NOW)" in r.stderr, r.stderr
+
+
+def test_loader_variable_names_and_the_childs_environment() -> None:
+    for name in ("LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH", "GCONV_PATH", "MALLOC_CHECK_",
+                 "GLIBC_TUNABLES", "LOCPATH"):  # fmt: skip
+        assert runner.is_loader_variable(name), name
+    for name in ("PATH", "HOME", "OLD_PRELOAD", "LANG"):
+        assert not runner.is_loader_variable(name), name
+    env = runner.child_env({"A": "1", runner.CHILD_ENV: '{"LD_PRELOAD": "/x.so"}'})
+    assert env == {"A": "1", "LD_PRELOAD": "/x.so"}
+
+
+# --- 2. a fork bomb cannot outrun the timeout's kill ---------------------------------
+
+BOMB = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+
+
+def test_timeout_stops_a_fork_bomb_at_once_and_nothing_survives(sandbox: Any) -> None:
+    # Every member forks as fast as the pids limit lets it; SIGKILL alone raced that
+    # for seconds (measured: 1-3 s past the limit at 512 pids, up to 26 s at 2048).
+    # The wall time also holds the wait for a starved runner to be scheduled at all,
+    # which no kill strategy changes: the runner reports the kill's own time.
+    sandbox.write_file("bomb.py", BOMB)
+    for _ in range(3):
+        r = sandbox.run(["python3", "bomb.py"], timeout=2)
+        assert r.timed_out and r.exit_code == 124, (r.exit_code, r.stderr[-500:])
+        m = re.search(r"\((\d+) processes stopped and killed in ([\d.]+)s\)", r.stderr)
+        assert m, r.stderr[-500:]
+        assert int(m[1]) > 100 and float(m[2]) < 2.0, m[0]
+        left = sandbox.run("ps -eo args | grep -c '[b]omb.py'; true").stdout.strip()
+        assert left == "0", left
+        assert r.duration < 30, r.duration
+
+
+# --- 3. exec errors have the shell's codes and say why --------------------------------
+
+
+def test_missing_program_is_127_and_a_non_executable_126(sandbox: Any) -> None:
+    missing = sandbox.run(["no-such-program-here", "x"])
+    assert missing.exit_code == 127, missing
+    assert "no-such-program-here: command not found" in missing.stderr
+    sandbox.write_file("notexec.sh", "echo hi\n")
+    for target in ("./notexec.sh", "/tmp"):
+        r = sandbox.run([target])
+        assert r.exit_code == 126, r
+        assert f"{target}: cannot execute (not executable)" in r.stderr
