@@ -119,3 +119,20 @@ def test_missing_program_is_127_and_a_non_executable_126(sandbox: Any) -> None:
         r = sandbox.run([target])
         assert r.exit_code == 126, r
         assert f"{target}: cannot execute (not executable)" in r.stderr
+
+
+# --- 4. the filter on an architecture it does not know --------------------------------
+
+FAKE_ARCH = "import os, types\nos.uname = lambda: types.SimpleNamespace(machine='s390x')\n"
+
+
+def test_unknown_architecture_fails_closed_saying_what_to_do() -> None:
+    code = FAKE_ARCH + FILTER + "\n" + RUNNER
+    r = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, "run", "30", "echo", "THE-COMMAND-RAN"],
+        capture_output=True, text=True, timeout=30, env={"PATH": os.environ["PATH"]},
+    )  # fmt: skip
+    assert r.returncode == 126 and "THE-COMMAND-RAN" not in r.stdout, (r.returncode, r.stdout)
+    assert "cannot restrict the agent's system calls" in r.stderr
+    assert "architecture 's390x' is not one it knows" in r.stderr
+    assert "add the architecture's numbers to userfilter.GATED" in r.stderr
