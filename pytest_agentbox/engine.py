@@ -148,24 +148,56 @@ def attach(client: Any, container_id: str) -> socket.socket:
     return sock
 
 
+# The daemon's own stderr kept for its error (the end of it: that is where the reason is).
+_DAEMON_STDERR = 4096
+
+
 def read_ready(sock: socket.socket, timeout: float = 30.0) -> dict[str, Any]:
     """The first stdout line of a daemon as JSON; {} when none comes within ``timeout``.
 
     A line with ``"ready": false`` is returned as it is, so its ``error`` reaches the user.
+    When the daemon is not ready, whatever it wrote to stderr (a traceback, a refusal) is
+    added to ``error``: a daemon that fails to start is seen by its own words.
     """
-    line = b""
+    line, err = b"", bytearray()
     old = sock.gettimeout()
+    done = False
     try:
         sock.settimeout(timeout)
-        for stream, data in _frames(sock):
-            if stream == 1:
+        frames = _frames(sock)
+        for stream, data in frames:
+            if stream == 2:
+                err.extend(data)
+                del err[:-_DAEMON_STDERR]
+            elif stream == 1:
                 line += data
                 if b"\n" in line:
+                    done = True
                     break
     except OSError:
         pass
-    finally:
+    ready = _parse_ready(line)
+    if done and not ready.get("ready"):
+        # It said no, and is likely exiting: its stderr may follow the line.
+        deadline = time.monotonic() + 2.0
+        with contextlib.suppress(OSError):
+            sock.settimeout(2.0)
+            for stream, data in frames:
+                if stream == 2:
+                    err.extend(data)
+                    del err[:-_DAEMON_STDERR]
+                if time.monotonic() > deadline:
+                    break
+    with contextlib.suppress(OSError):
         sock.settimeout(old)
+    text = err.decode("utf-8", "replace").strip()
+    if text and not ready.get("ready"):
+        said = ready.get("error")
+        ready["error"] = f"{said}; its stderr: {text}" if said else text
+    return ready
+
+
+def _parse_ready(line: bytes) -> dict[str, Any]:
     try:
         ready = json.loads(line.split(b"\n", 1)[0])
     except ValueError:

@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pytest_agentbox import runner
+import pytest
+
+from pytest_agentbox import paths, runner
 
 FILTER = (Path(runner.__file__).parent / "userfilter.py").read_text()
 RUNNER = Path(runner.__file__).read_text()
@@ -136,3 +138,47 @@ def test_unknown_architecture_fails_closed_saying_what_to_do() -> None:
     assert "cannot restrict the agent's system calls" in r.stderr
     assert "architecture 's390x' is not one it knows" in r.stderr
     assert "add the architecture's numbers to userfilter.GATED" in r.stderr
+
+
+# --- 5. a daemon that fails to start is seen by its own words --------------------------
+
+
+@pytest.fixture
+def plain_container(docker_client: Any, base_image: str) -> Any:
+    """A bare container of the test's own (root inside it is the test's, not the package's)."""
+    c = docker_client.containers.run(
+        base_image, ["sleep", "300"], detach=True, network_mode="none", cap_drop=["ALL"],
+        name=paths.unique_name("probe"),
+        labels=paths.Owner.current("probe-" + secrets.token_hex(4)).labels("probe"),
+    )  # fmt: skip
+    yield c
+    c.remove(force=True)
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("echo 'probe-daemon: cannot bind 127.0.0.1:9: address in use' >&2; exit 3",
+         "probe-daemon: cannot bind 127.0.0.1:9: address in use"),
+        ('echo \'{"ready": false, "error": "bad config"}\'; echo \'Traceback: boom\' >&2; exit 1',
+         "bad config; its stderr: Traceback: boom"),
+    ],
+    ids=["dies-before-its-line", "says-no-then-explains"],
+)  # fmt: skip
+def test_a_daemon_that_fails_to_start_is_seen_by_its_own_message(
+    docker_client: Any, plain_container: Any, script: str, expected: str
+) -> None:
+    from pytest_agentbox import engine
+
+    cmd = ["/bin/sh", "-c", "read -r _; " + script]
+    ready = engine.start_daemon(docker_client, plain_container.id, cmd, {"x": 1})
+    assert not ready.get("ready")
+    assert ready.get("error") == expected, ready
+
+
+def test_a_ready_daemons_stderr_is_not_an_error(docker_client: Any, plain_container: Any) -> None:
+    from pytest_agentbox import engine
+
+    script = "read -r _; echo 'just a warning' >&2; echo '{\"ready\": true}'; sleep 1"
+    ready = engine.start_daemon(docker_client, plain_container.id, ["/bin/sh", "-c", script], {})
+    assert ready == {"ready": True}
