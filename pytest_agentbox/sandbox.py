@@ -76,6 +76,23 @@ def _runner_source() -> str:
     return (engine.tool_source("userfilter.py") + b"\n" + engine.tool_source("runner.py")).decode()
 
 
+def _root_step_failure(cmd: list[str], out: engine.ExecOutput) -> str:
+    """What went wrong in a root setup step that gave no result line, and what to do."""
+    err = out.stderr.decode(errors="replace").strip()
+    said = err[-700:] or "nothing on stderr; stdout ended with: " + (
+        out.stdout.decode(errors="replace").strip()[-300:] or "(nothing)"
+    )
+    step = next((a for a in cmd if a.endswith(".py")), cmd[0])
+    head = f"sandbox root setup step {step} failed (exit {out.exit_code}): {said}"
+    if "agentbox: no python3 in the image" in err:
+        return f"{head}. The image needs python3 in one of {', '.join(engine.SYSTEM_DIRS)}."
+    if "OCI runtime exec failed" in err or (out.exit_code in (126, 127) and not out.stdout):
+        return f"{head}. The engine could not start {cmd[0]}: the image needs it (a POSIX shell)."
+    if out.exit_code == 0:
+        return f"{head}. It ended without its JSON result line (is the image's python3 patched?)."
+    return f"{head}. That is the step's own error, as root in the image before any user code."
+
+
 # Sandboxes of this process that are not yet removed: swept at session end and exit,
 # so Ctrl-C or an error between steps never leaves a container running.
 _LIVE: dict[str, Sandbox] = {}
@@ -393,11 +410,7 @@ class Sandbox:
         try:
             return dict(json.loads(out.stdout.decode().strip().splitlines()[-1]))
         except (ValueError, IndexError):
-            tail = out.stderr.decode(errors="replace")[-500:]
-            raise HardeningError(
-                f"sandbox root setup step failed (exit {out.exit_code}): {tail.strip()}. "
-                "The image needs python3 and a POSIX shell."
-            ) from None
+            raise HardeningError(_root_step_failure(cmd, out)) from None
 
     def _use_ca_bundle(self) -> None:
         # The hardening step wrote one bundle (system CAs plus the extra ones, readable by

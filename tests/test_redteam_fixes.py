@@ -182,3 +182,38 @@ def test_a_ready_daemons_stderr_is_not_an_error(docker_client: Any, plain_contai
     script = "read -r _; echo 'just a warning' >&2; echo '{\"ready\": true}'; sleep 1"
     ready = engine.start_daemon(docker_client, plain_container.id, ["/bin/sh", "-c", script], {})
     assert ready == {"ready": True}
+
+
+# --- 6. a failed root setup step says what failed -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "said", "not_said"),
+    [
+        # /run gone: hardening.py itself fails (python3 is there and fine).
+        ("RUN rm -rf /run", ["hardening.py failed (exit 1)", "FileNotFoundError", "/run/",
+                             "the step's own error"], ["needs python3"]),
+        ("RUN for d in /usr/local/sbin /usr/local/bin /usr/sbin /usr/bin /sbin /bin; "
+         "do rm -f $d/python3; done",
+         ["(exit 127)", "no python3 in the image", "The image needs python3 in one of"],
+         ["the step's own error"]),
+    ],
+    ids=["step-fails", "no-python3"],
+)  # fmt: skip
+def test_a_failed_root_setup_step_says_what_really_failed(
+    docker_client: Any, base_image: str, make_sandbox: Any, line: str, said: list, not_said: list
+) -> None:
+    from conftest import built_image
+
+    from pytest_agentbox.errors import HardeningError
+
+    with (
+        built_image(docker_client, "rootstep", base_image, line) as image,
+        pytest.raises(HardeningError) as exc,
+    ):
+        make_sandbox(image=image)
+    msg = str(exc.value)
+    for text in said:
+        assert text in msg, msg
+    for text in not_said:
+        assert text not in msg, msg
