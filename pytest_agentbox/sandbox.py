@@ -398,12 +398,20 @@ class Sandbox:
 
     # ---- root steps --------------------------------------------------------------
 
-    def _root_exec(self, cmd: list[str], stdin: bytes | None = None) -> engine.ExecOutput:
+    def _refuse_root_after_user_code(self) -> None:
         # Root never acts on what the agent could have touched: once user code has run,
         # everything in this container could be the agent's (binaries, files, pids).
         if self._user_code_ran:
             raise AgentboxError("refusing to run as root in the sandbox after user code ran")
+
+    def _root_exec(self, cmd: list[str], stdin: bytes | None = None) -> engine.ExecOutput:
+        self._refuse_root_after_user_code()
         return engine.exec_run(self._client, self.container.id, cmd, user="0", stdin=stdin)
+
+    def _root_daemon(self, cmd: list[str], config: Mapping[str, Any]) -> dict[str, Any]:
+        # The same guard as every root exec: a daemon is a root process that stays.
+        self._refuse_root_after_user_code()
+        return engine.start_daemon(self._client, self.container.id, cmd, config)
 
     def _root_json(self, cmd: list[str], stdin: bytes | None = None) -> dict[str, Any]:
         out = self._root_exec(cmd, stdin)
@@ -441,7 +449,7 @@ class Sandbox:
             path = self.sidecar.key_socket(r["name"]).replace(sidecar.SOCKET_DIR, self._egress_dir)
             socks.append({"name": "key:" + r["name"], "unix": path})
         cmd = [self._python, "-I", "-S", f"{self._tools_dir}/egressproxy.py", "forward"]
-        ready = engine.start_daemon(self._client, self.container.id, cmd, {"routes": socks})
+        ready = self._root_daemon(cmd, {"routes": socks})
         if not ready.get("ready"):
             why = ready.get("error") or "no ready line"
             raise KeyProxyError(f"the sandbox's forwarder did not start: {why}")

@@ -10,6 +10,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +218,77 @@ def test_a_failed_root_setup_step_says_what_really_failed(
         assert text in msg, msg
     for text in not_said:
         assert text not in msg, msg
+
+
+# --- 10. the forwarder, a root daemon, is behind the same guard as every root exec ----
+
+
+@pytest.fixture
+def internal_net(docker_client: Any) -> Any:
+    labels = paths.Owner.current(paths.token()).labels("redteam-test")
+    net = docker_client.networks.create(
+        paths.unique_name("net"), driver="bridge", internal=True, labels=labels
+    )
+    yield net
+    net.remove()
+
+
+class _HeldContainers:
+    def __init__(self, real: Any, release: Any) -> None:
+        self._real, self._release = real, release
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def create(self, *args: Any, **kwargs: Any) -> Any:
+        if (kwargs.get("labels") or {}).get(paths.LABEL_ROLE) == "egress":
+            assert self._release.wait(120), "never released"
+        return self._real.create(*args, **kwargs)
+
+
+class HeldSidecarClient:
+    """The real engine client, except that the sidecar's container is created only once
+    ``release`` is set: it fixes the order (user code, then the forwarder) without a race.
+    Nothing is faked; every call reaches the engine."""
+
+    def __init__(self, client: Any, release: Any) -> None:
+        self._client, self.containers = client, _HeldContainers(client.containers, release)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def test_the_forwarder_refuses_to_start_once_user_code_ran(
+    docker_client: Any, base_image: str, internal_net: Any
+) -> None:
+    import threading
+
+    from pytest_agentbox.egress import compute_policy
+    from pytest_agentbox.errors import AgentboxError
+    from pytest_agentbox.sandbox import Sandbox, SandboxConfig
+
+    policy = compute_policy(
+        declared=["example.test"], key_domains=[], has_setup_command=False, unrestricted=False
+    )
+    ran: list[Any] = []
+    release = threading.Event()
+
+    def run_user_code_early(sb: Any) -> None:
+        # User code as soon as the sandbox is hardened, before the root forwarder starts
+        # (the order a caller with the sandbox in hand could force).
+        def go() -> None:
+            try:
+                deadline = time.monotonic() + 120
+                while not sb.hardening and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                ran.append(sb.run("true"))
+            finally:
+                release.set()
+
+        threading.Thread(target=go, daemon=True).start()
+
+    config = SandboxConfig(image=base_image, egress=policy, egress_network=internal_net.name)
+    client = HeldSidecarClient(docker_client, release)
+    with pytest.raises(AgentboxError, match="refusing to run as root in the sandbox after user"):
+        Sandbox.create(config, client, on_created=run_user_code_early).close()
+    assert ran and ran[0].ok
