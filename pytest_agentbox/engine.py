@@ -15,6 +15,7 @@ import struct
 import tarfile
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,44 @@ def attach(client: Any, container_id: str) -> socket.socket:
     params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
     sock = raw_socket(client.api.attach_socket(container_id, params=params))
     sock.settimeout(None)
+    sock.set_inheritable(False)  # already the default for Python sockets: made sure
+    with _ATTACHED_LOCK:
+        _ATTACHED.add(sock)
     return sock
+
+
+# Every owner channel of this process. A forked child (multiprocessing, os.fork from a
+# test) would hold a copy of each: one that outlived us would keep its sandbox running.
+_ATTACHED: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+_ATTACHED_LOCK = threading.Lock()
+
+
+def _close_attached_in_child() -> None:
+    # Only the child's copies: the parent's channels stay open (no shutdown, which would
+    # end them for both). Not socket.close(): a makefile() reader the SDK keeps holds a
+    # reference that leaves the descriptor open. /dev/null takes its number instead, so
+    # the connection is dropped here and a later close of the object closes nothing else.
+    # The lock may be held by a parent thread that does not exist here: a new one.
+    global _ATTACHED_LOCK
+    _ATTACHED_LOCK = threading.Lock()
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for sock in list(_ATTACHED):
+            with contextlib.suppress(OSError, ValueError):
+                fd = sock.fileno()
+                if fd >= 0:
+                    os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+    _ATTACHED.clear()
+
+
+os.register_at_fork(after_in_child=_close_attached_in_child)
+
+
+def attached_count() -> int:
+    """How many owner channels (attach sockets) this process holds open (0 in a forked child)."""
+    return sum(1 for s in list(_ATTACHED) if s.fileno() != -1)
 
 
 # The daemon's own stderr kept for its error (the end of it: that is where the reason is).

@@ -5,6 +5,7 @@ report section, host memory bounds, attach sockets in forked children, the root 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -292,3 +293,82 @@ def test_the_forwarder_refuses_to_start_once_user_code_ran(
     with pytest.raises(AgentboxError, match="refusing to run as root in the sandbox after user"):
         Sandbox.create(config, client, on_created=run_user_code_early).close()
     assert ran and ran[0].ok
+
+
+# --- 9. a forked child holds no owner channel -----------------------------------------
+
+# Creates a sandbox with its sidecar, forks a child that lingers, then dies at once
+# (SIGKILL: no clean-up of any kind). Only the owner channels can stop the containers.
+FORKS_AND_DIES = r"""
+import json, os, signal, sys, time
+from pytest_agentbox import engine
+from pytest_agentbox.egress import compute_policy
+from pytest_agentbox.sandbox import Sandbox, SandboxConfig
+image, net, run_id = sys.argv[1:4]
+policy = compute_policy(declared=["example.test"], key_domains=[], has_setup_command=False,
+                        unrestricted=False)
+sb = Sandbox.create(SandboxConfig(image=image, egress=policy, egress_network=net, run_id=run_id))
+count = getattr(engine, "attached_count", lambda: -1)
+before = count()
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(r)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # the test's pipes must not wait for this child
+        os.dup2(null, fd)
+    os.write(w, str(count()).encode())
+    os.close(w)
+    time.sleep(120)
+    os._exit(0)
+os.close(w)
+in_child = int(os.read(r, 16))
+print(json.dumps({"child": child, "before": before, "in_child": in_child}), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_forked_child_that_outlives_the_owner_does_not_keep_the_sandbox_alive(
+    docker_client: Any, base_image: str, internal_net: Any, tmp_path: Path
+) -> None:
+    import json
+    import signal
+
+    from conftest import ours
+
+    run_id = secrets.token_hex(8)
+    script = tmp_path / "forks.py"
+    script.write_text(FORKS_AND_DIES)
+    child = 0
+    since = int(time.time()) - 1
+    try:
+        out = subprocess.run(
+            [sys.executable, str(script), base_image, internal_net.name, run_id],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+        info = json.loads(out.stdout.strip().splitlines()[-1])
+        child = info["child"]
+        # Their main processes end by themselves (exit 0, stdin at its end), not killed:
+        # another run's clean-up of dead owners would show as exit 137.
+        died: dict[str, str] = {}
+        events = docker_client.events(
+            since=since, until=int(time.time()) + 30, decode=True,
+            filters={"label": f"{paths.LABEL_RUN}={run_id}", "event": "die"},
+        )  # fmt: skip
+        for event in events:
+            attrs = event.get("Actor", {}).get("Attributes", {})
+            died[attrs.get(paths.LABEL_ROLE, "?")] = attrs.get("exitCode", "?")
+            if len(died) == 2:
+                break
+        events.close()
+        os.kill(child, 0)  # the child still lives: only the fix let the sandbox go
+        assert died == {"sandbox": "0", "egress": "0"}, died
+        assert info["before"] == 2 and info["in_child"] == 0, info
+    finally:
+        if child:
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
+        for obj in ours(docker_client, run_id):
+            with contextlib.suppress(Exception):
+                obj.remove(force=True)
