@@ -144,7 +144,12 @@ def attach(client: Any, container_id: str) -> socket.socket:
     sandbox notices its owner is gone.
     """
     params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
-    sock = raw_socket(client.api.attach_socket(container_id, params=params))
+    sdk = raw_socket(client.api.attach_socket(container_id, params=params))
+    # The descriptor moves to a socket of our own: the SDK's makefile() reader holds a
+    # reference on its socket that makes close() leave the descriptor open, so closing
+    # the channel would not end the main process (a kept sandbox's sidecar, keys in it,
+    # lived on until pytest exited).
+    sock = socket.socket(sdk.family, sdk.type, sdk.proto, fileno=sdk.detach())
     sock.settimeout(None)
     sock.set_inheritable(False)  # already the default for Python sockets: made sure
     with _ATTACHED_LOCK:
@@ -159,22 +164,14 @@ _ATTACHED_LOCK = threading.Lock()
 
 
 def _close_attached_in_child() -> None:
-    # Only the child's copies: the parent's channels stay open (no shutdown, which would
-    # end them for both). Not socket.close(): a makefile() reader the SDK keeps holds a
-    # reference that leaves the descriptor open. /dev/null takes its number instead, so
-    # the connection is dropped here and a later close of the object closes nothing else.
-    # The lock may be held by a parent thread that does not exist here: a new one.
+    # Only the child's copies of the descriptors: the parent's channels stay open (no
+    # shutdown, which would end them for both). The lock may be held by a parent thread
+    # that does not exist here: a new one replaces it.
     global _ATTACHED_LOCK
     _ATTACHED_LOCK = threading.Lock()
-    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        for sock in list(_ATTACHED):
-            with contextlib.suppress(OSError, ValueError):
-                fd = sock.fileno()
-                if fd >= 0:
-                    os.dup2(null, fd, inheritable=False)
-    finally:
-        os.close(null)
+    for sock in list(_ATTACHED):
+        with contextlib.suppress(OSError):
+            sock.close()
     _ATTACHED.clear()
 
 

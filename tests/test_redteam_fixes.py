@@ -372,3 +372,31 @@ def test_a_forked_child_that_outlives_the_owner_does_not_keep_the_sandbox_alive(
         for obj in ours(docker_client, run_id):
             with contextlib.suppress(Exception):
                 obj.remove(force=True)
+
+
+def test_closing_an_owner_channel_ends_the_sidecar_at_once(
+    make_sandbox: Any, internal_net: Any, docker_client: Any
+) -> None:
+    # A kept sandbox drops its sidecar (and the keys in it) by closing that channel.
+    from pytest_agentbox.egress import compute_policy
+
+    policy = compute_policy(
+        declared=["example.test"], key_domains=[], has_setup_command=False, unrestricted=False
+    )
+    sb = make_sandbox(egress=policy, egress_network=internal_net.name)
+    try:
+        sb.close(keep=True)
+        sidecar = sb.sidecar.container
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            sidecar.reload()
+            if sidecar.status != "running":
+                break
+            time.sleep(0.1)
+        assert sidecar.status == "exited", sidecar.status
+    finally:
+        for c in (sb.container, sb.sidecar.container):
+            with contextlib.suppress(Exception):
+                c.remove(force=True, v=True)
+        with contextlib.suppress(Exception):
+            sb.volume.remove(force=True)
