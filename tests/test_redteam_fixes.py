@@ -226,6 +226,8 @@ def test_a_failed_root_setup_step_says_what_really_failed(
 
 @pytest.fixture
 def internal_net(docker_client: Any) -> Any:
+    """An internal network of the test's own (request it before make_sandbox: it must
+    outlive the sandboxes on it)."""
     labels = paths.Owner.current(paths.token()).labels("redteam-test")
     net = docker_client.networks.create(
         paths.unique_name("net"), driver="bridge", internal=True, labels=labels
@@ -375,7 +377,7 @@ def test_a_forked_child_that_outlives_the_owner_does_not_keep_the_sandbox_alive(
 
 
 def test_closing_an_owner_channel_ends_the_sidecar_at_once(
-    make_sandbox: Any, internal_net: Any, docker_client: Any
+    internal_net: Any, make_sandbox: Any
 ) -> None:
     # A kept sandbox drops its sidecar (and the keys in it) by closing that channel.
     from pytest_agentbox.egress import compute_policy
@@ -400,3 +402,44 @@ def test_closing_an_owner_channel_ends_the_sidecar_at_once(
                 c.remove(force=True, v=True)
         with contextlib.suppress(Exception):
             sb.volume.remove(force=True)
+
+
+# --- 7. every report section is redacted, mixed-case hex and JSON escapes included ----
+
+
+def _mixed_case(text: str) -> str:
+    return "".join(c.upper() if i % 2 else c.lower() for i, c in enumerate(text))
+
+
+def _json_escaped(text: str, every: int) -> str:
+    return "".join(f"\\u{ord(c):04X}" if i % every == 0 else c for i, c in enumerate(text))
+
+
+def test_every_report_section_is_redacted(
+    internal_net: Any, make_sandbox: Any, random_key: str
+) -> None:
+    from pytest_agentbox.egress import compute_policy
+    from pytest_agentbox.session import report_sections
+
+    key_host = f"{random_key}.example.test"  # a key is a valid DNS label: it can be a host
+    policy = compute_policy(
+        declared=[key_host], key_domains=[], has_setup_command=False, unrestricted=False
+    )
+    sb = make_sandbox(keys={"openai": random_key}, egress=policy, egress_network=internal_net.name)
+    hexed = random_key.encode().hex()
+    forms = [_mixed_case(hexed), _json_escaped(random_key, 2), _json_escaped(random_key, 1),
+             _json_escaped(random_key, 1).lower(), _mixed_case(random_key)]  # fmt: skip
+    sb.run(["printf", "%s\\n", *forms])  # commands: the agent prints it, in every spelling
+    # egress decisions: the agent asks the proxy for a host named by the key
+    fetch = f"import urllib.request as u\ntry: u.urlopen('http://{key_host}/', timeout=10)\n"
+    sb.run(["python3", "-c", fetch + "except Exception as e: print(e)"])
+    sb.warnings.append(f"a warning quoting {forms[0]}")  # setup: warnings hold image text
+    sb.state_report = f"kept 1 file: notes-{forms[1]}.txt"  # state: file names are the agent's
+    sections = dict(report_sections([sb]))
+    assert {"setup", "egress policy", "commands", "egress decisions", "state"} <= set(sections)
+    for title, text in sections.items():
+        low = text.lower()
+        assert random_key.lower() not in low and hexed not in low, (title, text)
+        assert "\\u00" not in low, (title, text)
+        if title in {"setup", "egress policy", "commands", "egress decisions", "state"}:
+            assert "[redacted]" in text, (title, text)
