@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import queue
 import secrets
 import shlex
 import tempfile
@@ -32,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,17 @@ from .errors import AgentboxError, HardeningError, KeyProxyError, SetupCommandFa
 from .manifest import KeyRoute, Resources
 
 DEFAULT_TIMEOUT = 300.0
+
+# Host memory a sandbox's output may hold. The history (for failure reports) keeps the
+# tail of each stream of its last HISTORY_LENGTH commands within HISTORY_BYTES in all;
+# a spawned process's unread stdout lines stop its reader (and so, through the socket,
+# the process's writes) at SPAWN_BUFFER; one line keeps its first SPAWN_LINE bytes and
+# stderr its last SPAWN_STDERR. Whatever is not kept is counted.
+HISTORY_LENGTH = 20
+HISTORY_BYTES = 4 * 1024 * 1024
+SPAWN_BUFFER = 16 * 1024 * 1024
+SPAWN_LINE = 16 * 1024 * 1024
+SPAWN_STDERR = 1024 * 1024
 
 # Exactly these host variables reach the sandbox (seed: allowlist, not denylist). They
 # shape output and locale only; none can carry code, credentials or a proxy/CA change.
@@ -175,7 +185,8 @@ class Sandbox:
         self.workdir = f"{self.home}/app"
         self.steps: list[Step] = []
         self.warnings: list[str] = []
-        self.history: deque[CommandResult] = deque(maxlen=20)
+        # Copies whose streams keep their tails (HISTORY_BYTES in all); run() returns whole.
+        self.history: deque[CommandResult] = deque(maxlen=HISTORY_LENGTH)
         self.proxy_ports: dict[str, int] = {}
         self.state_report: str = ""
         self.logs: dict[str, str] = {}
@@ -627,7 +638,7 @@ class Sandbox:
             stdout_dropped=out.dropped[0],
             stderr_dropped=out.dropped[1],
         )
-        self.history.append(result)
+        self.history.append(_for_history(result))
         return result
 
     def spawn(
@@ -786,35 +797,105 @@ class Sandbox:
         return f"<Sandbox {cid} image={self.config.image!r}>"
 
 
+def _tail_text(text: str, limit: int) -> tuple[str, int]:
+    """The end of ``text`` within ``limit`` UTF-8 bytes, and how many bytes were cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text, 0
+    tail = data[-limit:].decode("utf-8", "ignore")
+    return tail, len(data) - len(tail.encode())
+
+
+def _for_history(result: CommandResult) -> CommandResult:
+    """``result`` as the history keeps it: each stream's tail, cuts counted and marked."""
+    limit = HISTORY_BYTES // (2 * HISTORY_LENGTH)
+    out, cut_out = _tail_text(result.stdout, limit)
+    err, cut_err = _tail_text(result.stderr, limit)
+    if not (cut_out or cut_err):
+        return result
+
+    def mark(cut: int, name: str, text: str) -> str:
+        return f"[agentbox: {cut} earlier bytes of {name} not kept in the history]\n{text}"
+
+    return replace(
+        result,
+        stdout=mark(cut_out, "stdout", out) if cut_out else out,
+        stderr=mark(cut_err, "stderr", err) if cut_err else err,
+        stdout_dropped=result.stdout_dropped + cut_out,
+        stderr_dropped=result.stderr_dropped + cut_err,
+    )
+
+
 class Spawned:
-    """A long-running process in a sandbox, talking newline-delimited JSON."""
+    """A long-running process in a sandbox, talking newline-delimited JSON.
+
+    Bounded on the host: while SPAWN_BUFFER bytes of stdout lines wait unread, nothing
+    more is read (the process blocks on its writes until the test reads); a line keeps
+    its first SPAWN_LINE bytes and stderr its last SPAWN_STDERR, the rest counted in
+    ``stdout_dropped`` / ``stderr_dropped``.
+    """
 
     def __init__(self, sandbox: Sandbox, command: str, exec_id: str, sock: Any) -> None:
         self.sandbox = sandbox
         self.command = command
         self._exec_id = exec_id
         self._sock = sock
-        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._lines: deque[str | None] = deque()
+        self._pending = 0  # bytes of the lines in _lines
+        self._cond = threading.Condition()
+        self._closing = False
         self._stderr = bytearray()
+        self.stdout_dropped = 0  # bytes of over-long lines not kept
+        self.stderr_dropped = 0  # bytes of stderr before the tail that is kept
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
+    def _put(self, line: str | None) -> None:
+        size = len(line) if line else 0
+        with self._cond:
+            # Back-pressure, not loss: the test reads at its pace (closing stops waiting).
+            while self._pending and self._pending + size > SPAWN_BUFFER and not self._closing:
+                self._cond.wait()
+            if self._closing and line is not None:
+                return  # nobody will read it
+            self._lines.append(line)
+            self._pending += size
+            self._cond.notify_all()
+
+    def _keep_stderr(self, data: bytes) -> None:
+        self._stderr.extend(data)
+        excess = len(self._stderr) - SPAWN_STDERR
+        if excess > 0:
+            del self._stderr[:excess]
+            self.stderr_dropped += excess
+
     def _read(self) -> None:
-        buf = b""
+        buf = bytearray()
         try:
             for stream, data in engine._frames(self._sock):
                 if stream == 2:
-                    self._stderr.extend(data)
+                    self._keep_stderr(data)
                     continue
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    self._lines.put(line.decode("utf-8", "replace"))
+                while data:
+                    i = data.find(b"\n")
+                    part, data = (data, b"") if i < 0 else (data[:i], data[i + 1 :])
+                    room = max(0, SPAWN_LINE - len(buf))
+                    buf += part[:room]
+                    self.stdout_dropped += max(0, len(part) - room)
+                    if i >= 0:
+                        self._put(buf.decode("utf-8", "replace"))
+                        buf = bytearray()
         except OSError:
             pass
         if buf:
-            self._lines.put(buf.decode("utf-8", "replace"))
-        self._lines.put(None)
+            self._put(buf.decode("utf-8", "replace"))
+        self._put(None)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of stdout lines read from the process and not yet taken by the test."""
+        with self._cond:
+            return self._pending
 
     def send(self, message: str | Mapping[str, Any]) -> None:
         """Write one line (a dict is sent as JSON) to the process's stdin."""
@@ -823,10 +904,20 @@ class Spawned:
 
     def readline(self, timeout: float = 30.0) -> str | None:
         """The next stdout line, or None at end of output; TimeoutError after ``timeout``."""
-        try:
-            return self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no output line within {timeout}s from: {self.command}") from None
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._lines:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no output line within {timeout}s from: {self.command}")
+                self._cond.wait(left)
+            line = self._lines.popleft()
+            if line is None:
+                self._lines.appendleft(None)  # the end stays the end for every later call
+                return None
+            self._pending -= len(line)
+            self._cond.notify_all()
+            return line
 
     def read_json(self, timeout: float = 30.0) -> Any:
         """The next stdout line parsed as JSON (blank lines skipped)."""
@@ -844,6 +935,9 @@ class Spawned:
 
     def close(self, timeout: float = 10.0) -> int:
         """Close stdin, wait for the process to end; returns its exit code."""
+        with self._cond:
+            self._closing = True  # a reader waiting for room drops the rest instead
+            self._cond.notify_all()
         with contextlib.suppress(OSError):
             self._sock.shutdown(1)
         self._reader.join(timeout)

@@ -126,7 +126,8 @@ def report_sections(sandboxes: list[Sandbox]) -> list[tuple[str, str]]:
         if sb.history:
             cmds = [
                 f"$ {c.command}  [exit {c.exit_code}, {c.duration:.2f}s"
-                f"{', TIMED OUT' if c.timed_out else ''}]\n{_tail(c.stdout)}{_tail(c.stderr)}"
+                f"{', TIMED OUT' if c.timed_out else ''}{_dropped(c)}]\n"
+                f"{_tail(c.stdout)}{_tail(c.stderr)}"
                 for c in sb.history
             ]
             mine.append((f"commands{tag}", "\n".join(cmds)))
@@ -136,6 +137,11 @@ def report_sections(sandboxes: list[Sandbox]) -> list[tuple[str, str]]:
             mine.append((f"state{tag}", sb.state_report))
         out += [(redact(title), redact(text)) for title, text in mine]
     return out
+
+
+def _dropped(result: Any) -> str:
+    n = result.stdout_dropped + result.stderr_dropped
+    return f", {n} bytes of its output not kept" if n else ""
 
 
 def _tail(text: str, lines: int = 30) -> str:

@@ -443,3 +443,52 @@ def test_every_report_section_is_redacted(
         assert "\\u00" not in low, (title, text)
         if title in {"setup", "egress policy", "commands", "egress decisions", "state"}:
             assert "[redacted]" in text, (title, text)
+
+
+# --- 8. host memory: the history and a spawned process's output are bounded -----------
+
+
+def test_history_keeps_tails_within_its_byte_cap(sandbox: Any) -> None:
+    from pytest_agentbox.sandbox import HISTORY_BYTES, HISTORY_LENGTH
+
+    big = sandbox.run("head -c 5000000 /dev/zero | tr '\\0' a; echo END")
+    assert len(big.stdout) == 5_000_004 and big.stdout_dropped == 0  # the caller gets it all
+    kept = sandbox.history[-1]
+    assert kept.stdout.endswith("aaaaEND\n") and kept.stdout_dropped > 4_800_000
+    assert f"[agentbox: {kept.stdout_dropped} earlier bytes of stdout" in kept.stdout
+    for _ in range(HISTORY_LENGTH + 2):
+        sandbox.run("head -c 300000 /dev/zero | tr '\\0' b; head -c 300000 /dev/zero >&2")
+    held = sum(len(c.stdout.encode()) + len(c.stderr.encode()) for c in sandbox.history)
+    assert len(sandbox.history) == HISTORY_LENGTH
+    assert held <= HISTORY_BYTES + 200 * HISTORY_LENGTH, held  # markers aside
+    assert all(c.stdout_dropped and c.stderr_dropped for c in sandbox.history)
+
+
+SPAWN_TALKER = r"""
+import sys
+sys.stderr.write("e" * 3_000_000)
+sys.stderr.flush()
+line = "x" * 999 + "\n"
+for _ in range(40_000):  # 40 MB of lines
+    sys.stdout.write(line)
+sys.stdout.write("y" * 20_000_000 + "\nlast\n")  # one line past the line cap
+sys.stdout.flush()
+"""
+
+
+def test_spawned_output_is_bounded_and_lines_are_not_lost(sandbox: Any) -> None:
+    from pytest_agentbox.sandbox import SPAWN_BUFFER, SPAWN_LINE, SPAWN_STDERR
+
+    sandbox.write_file("talker.py", SPAWN_TALKER)
+    sp = sandbox.spawn(["python3", "talker.py"])
+    time.sleep(5)  # the test reads nothing: the reader must stop at the cap
+    assert 0 < sp.buffered_bytes <= SPAWN_BUFFER, sp.buffered_bytes
+    n = 0
+    while (line := sp.readline(timeout=60)) is not None and line.startswith("x"):
+        n += 1
+    assert n == 40_000  # back-pressure, not loss
+    assert line is not None and len(line) == SPAWN_LINE and set(line) == {"y"}
+    assert sp.stdout_dropped == 20_000_000 - SPAWN_LINE
+    assert sp.readline(timeout=30) == "last" and sp.readline(timeout=30) is None
+    assert sp.close() == 0
+    assert len(sp.stderr) == SPAWN_STDERR and sp.stderr_dropped == 3_000_000 - SPAWN_STDERR
