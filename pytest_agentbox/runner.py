@@ -53,6 +53,15 @@ def child_env(environ):
     return env
 
 
+def parent_of(pid):
+    """``pid``'s parent (0 when it is gone); a zombie still has one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def descendants(root):
     """Every live process below ``root`` (via /proc: our own uid's are visible to us)."""
     children = {}
@@ -86,7 +95,9 @@ def kill_tree(group=0, limit=10.0):
     """
     me, end, killed = os.getpid(), time.monotonic() + limit, set()
     while time.monotonic() < end:
-        if group:
+        if group and parent_of(group) == me:
+            # Only while its leader is our unreaped child: until then no other group can
+            # have that id (a stopped stranger would never be killed).
             with contextlib.suppress(OSError):
                 os.killpg(group, signal.SIGSTOP)
         frozen = set()
@@ -148,7 +159,7 @@ def run(limit, argv):
     signal.setitimer(signal.ITIMER_REAL, 0)
     if fired:
         killed, _, seconds = fired[0]
-        killed += kill_tree(proc.pid)[0]
+        killed += kill_tree()[0]  # the group's leader is reaped: its id may be anyone's
         left = len(descendants(os.getpid()))
         what = f"{killed} processes stopped and killed in {seconds:.2f}s"
         if left:
