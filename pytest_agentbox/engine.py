@@ -187,12 +187,16 @@ def attached_count() -> int:
 _DAEMON_STDERR = 4096
 
 
-def read_ready(sock: socket.socket, timeout: float = 30.0) -> dict[str, Any]:
+def read_ready(
+    sock: socket.socket, timeout: float = 30.0, *, with_stderr: bool = False
+) -> dict[str, Any]:
     """The first stdout line of a daemon as JSON; {} when none comes within ``timeout``.
 
     A line with ``"ready": false`` is returned as it is, so its ``error`` reaches the user.
-    When the daemon is not ready, whatever it wrote to stderr (a traceback, a refusal) is
-    added to ``error``: a daemon that fails to start is seen by its own words.
+    With ``with_stderr``, when the daemon is not ready, whatever it wrote to stderr (a
+    traceback, a refusal) is added to ``error``: a daemon that fails to start is seen by
+    its own words. Only for daemons that hold no secret (an exception's text can quote
+    its config): the sidecar, which holds keys, relays its daemons' errors itself.
     """
     line, err = b"", bytearray()
     old = sock.gettimeout()
@@ -225,7 +229,7 @@ def read_ready(sock: socket.socket, timeout: float = 30.0) -> dict[str, Any]:
                     break
     with contextlib.suppress(OSError):
         sock.settimeout(old)
-    text = err.decode("utf-8", "replace").strip()
+    text = err.decode("utf-8", "replace").strip() if with_stderr else ""
     if text and not ready.get("ready"):
         said = ready.get("error")
         ready["error"] = f"{said}; its stderr: {text}" if said else text
@@ -416,17 +420,20 @@ def start_daemon(
     config: Mapping[str, Any],
     *,
     stdin_prefix: bytes = b"",
+    with_stderr: bool = False,
 ) -> dict[str, Any]:
     """Start a root tool that reads one JSON config line and answers with one ready line.
 
     Secrets in ``config`` travel only over the exec's stdin, never argv or env. The
-    tool keeps running after we detach. Returns the ready line ({} if none came).
+    tool keeps running after we detach. Returns the ready line ({} if none came); with
+    ``with_stderr`` (a tool whose config holds no secret), when it is not ready, its
+    ``error`` carries the tool's own stderr (see :func:`read_ready`).
     ``stdin_prefix`` goes first (the tool's source, see :func:`tool_command`).
     """
     _exec_id, sock = exec_start(client, container_id, cmd, user="0", timeout=30)
     try:
         sock.sendall(stdin_prefix + json.dumps(config).encode() + b"\n")
-        return read_ready(sock)
+        return read_ready(sock, with_stderr=with_stderr)
     except OSError:
         return {}
     finally:

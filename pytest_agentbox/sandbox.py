@@ -422,7 +422,8 @@ class Sandbox:
     def _root_daemon(self, cmd: list[str], config: Mapping[str, Any]) -> dict[str, Any]:
         # The same guard as every root exec: a daemon is a root process that stays.
         self._refuse_root_after_user_code()
-        return engine.start_daemon(self._client, self.container.id, cmd, config)
+        # with_stderr: the forwarder's config holds socket paths only, no secret.
+        return engine.start_daemon(self._client, self.container.id, cmd, config, with_stderr=True)
 
     def _root_json(self, cmd: list[str], stdin: bytes | None = None) -> dict[str, Any]:
         out = self._root_exec(cmd, stdin)

@@ -173,7 +173,7 @@ def test_a_daemon_that_fails_to_start_is_seen_by_its_own_message(
     from pytest_agentbox import engine
 
     cmd = ["/bin/sh", "-c", "read -r _; " + script]
-    ready = engine.start_daemon(docker_client, plain_container.id, cmd, {"x": 1})
+    ready = engine.start_daemon(docker_client, plain_container.id, cmd, {}, with_stderr=True)
     assert not ready.get("ready")
     assert ready.get("error") == expected, ready
 
@@ -182,7 +182,8 @@ def test_a_ready_daemons_stderr_is_not_an_error(docker_client: Any, plain_contai
     from pytest_agentbox import engine
 
     script = "read -r _; echo 'just a warning' >&2; echo '{\"ready\": true}'; sleep 1"
-    ready = engine.start_daemon(docker_client, plain_container.id, ["/bin/sh", "-c", script], {})
+    argv = ["/bin/sh", "-c", script]
+    ready = engine.start_daemon(docker_client, plain_container.id, argv, {}, with_stderr=True)
     assert ready == {"ready": True}
 
 
@@ -492,3 +493,15 @@ def test_spawned_output_is_bounded_and_lines_are_not_lost(sandbox: Any) -> None:
     assert sp.readline(timeout=30) == "last" and sp.readline(timeout=30) is None
     assert sp.close() == 0
     assert len(sp.stderr) == SPAWN_STDERR and sp.stderr_dropped == 3_000_000 - SPAWN_STDERR
+
+
+def test_a_daemons_stderr_stays_out_unless_asked_for(
+    docker_client: Any, plain_container: Any, random_key: str
+) -> None:
+    # A daemon whose config holds secrets may quote them in a traceback: by default the
+    # ready line's own error is all that is shown.
+    from pytest_agentbox import engine
+
+    script = f"read -r _; echo 'Traceback: {random_key}' >&2; exit 1"
+    ready = engine.start_daemon(docker_client, plain_container.id, ["/bin/sh", "-c", script], {})
+    assert ready == {}, ready
