@@ -15,6 +15,7 @@ import struct
 import tarfile
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,7 @@ def exec_start(
     cmd: list[str],
     *,
     user: str,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str | None] | None = None,
     workdir: str | None = None,
     timeout: float | None = None,
 ) -> tuple[str, socket.socket]:
@@ -179,29 +180,99 @@ def attach(client: Any, container_id: str) -> socket.socket:
     sandbox notices its owner is gone.
     """
     params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
-    sock = raw_socket(client.api.attach_socket(container_id, params=params))
+    sdk = raw_socket(client.api.attach_socket(container_id, params=params))
+    # The descriptor moves to a socket of our own: the SDK's makefile() reader holds a
+    # reference on its socket that makes close() leave the descriptor open, so closing
+    # the channel would not end the main process (a kept sandbox's sidecar, keys in it,
+    # lived on until pytest exited).
+    sock = socket.socket(sdk.family, sdk.type, sdk.proto, fileno=sdk.detach())
     sock.settimeout(None)
+    sock.set_inheritable(False)  # already the default for Python sockets: made sure
+    with _ATTACHED_LOCK:
+        _ATTACHED.add(sock)
     return sock
 
 
-def read_ready(sock: socket.socket, timeout: float = 30.0) -> dict[str, Any]:
+# Every owner channel of this process. A forked child (multiprocessing, os.fork from a
+# test) would hold a copy of each: one that outlived us would keep its sandbox running.
+_ATTACHED: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+_ATTACHED_LOCK = threading.Lock()
+
+
+def _close_attached_in_child() -> None:
+    # Only the child's copies of the descriptors: the parent's channels stay open (no
+    # shutdown, which would end them for both). The lock may be held by a parent thread
+    # that does not exist here: a new one replaces it.
+    global _ATTACHED_LOCK
+    _ATTACHED_LOCK = threading.Lock()
+    for sock in list(_ATTACHED):
+        with contextlib.suppress(OSError):
+            sock.close()
+    _ATTACHED.clear()
+
+
+os.register_at_fork(after_in_child=_close_attached_in_child)
+
+
+def attached_count() -> int:
+    """How many owner channels (attach sockets) this process holds open (0 in a forked child)."""
+    return sum(1 for s in list(_ATTACHED) if s.fileno() != -1)
+
+
+# The daemon's own stderr kept for its error (the end of it: that is where the reason is).
+_DAEMON_STDERR = 4096
+
+
+def read_ready(
+    sock: socket.socket, timeout: float = 30.0, *, with_stderr: bool = False
+) -> dict[str, Any]:
     """The first stdout line of a daemon as JSON; {} when none comes within ``timeout``.
 
     A line with ``"ready": false`` is returned as it is, so its ``error`` reaches the user.
+    With ``with_stderr``, when the daemon is not ready, whatever it wrote to stderr (a
+    traceback, a refusal) is added to ``error``: a daemon that fails to start is seen by
+    its own words. Only for daemons that hold no secret (an exception's text can quote
+    its config): the sidecar, which holds keys, relays its daemons' errors itself.
     """
-    line = b""
+    line, err = b"", bytearray()
     old = sock.gettimeout()
+    done = False
     try:
         sock.settimeout(timeout)
-        for stream, data in _frames(sock):
-            if stream == 1:
+        frames = _frames(sock)
+        for stream, data in frames:
+            if stream == 2:
+                err.extend(data)
+                del err[:-_DAEMON_STDERR]
+            elif stream == 1:
                 line += data
                 if b"\n" in line:
+                    done = True
                     break
     except OSError:
         pass
-    finally:
+    ready = _parse_ready(line)
+    if done and not ready.get("ready"):
+        # It said no, and is likely exiting: its stderr may follow the line.
+        deadline = time.monotonic() + 2.0
+        with contextlib.suppress(OSError):
+            sock.settimeout(2.0)
+            for stream, data in frames:
+                if stream == 2:
+                    err.extend(data)
+                    del err[:-_DAEMON_STDERR]
+                if time.monotonic() > deadline:
+                    break
+    with contextlib.suppress(OSError):
         sock.settimeout(old)
+    text = err.decode("utf-8", "replace").strip() if with_stderr else ""
+    if text and not ready.get("ready"):
+        said = ready.get("error")
+        ready["error"] = f"{said}; its stderr: {text}" if said else text
+    return ready
+
+
+def _parse_ready(line: bytes) -> dict[str, Any]:
     try:
         ready = json.loads(line.split(b"\n", 1)[0])
     except ValueError:
@@ -221,7 +292,7 @@ def exec_run(
     *,
     user: str,
     stdin: bytes | None = None,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str | None] | None = None,
     workdir: str | None = None,
     timeout: float | None = 120.0,
     max_output: int = MAX_OUTPUT,
@@ -385,17 +456,20 @@ def start_daemon(
     config: Mapping[str, Any],
     *,
     stdin_prefix: bytes = b"",
+    with_stderr: bool = False,
 ) -> dict[str, Any]:
     """Start a root tool that reads one JSON config line and answers with one ready line.
 
     Secrets in ``config`` travel only over the exec's stdin, never argv or env. The
-    tool keeps running after we detach. Returns the ready line ({} if none came).
+    tool keeps running after we detach. Returns the ready line ({} if none came); with
+    ``with_stderr`` (a tool whose config holds no secret), when it is not ready, its
+    ``error`` carries the tool's own stderr (see :func:`read_ready`).
     ``stdin_prefix`` goes first (the tool's source, see :func:`tool_command`).
     """
     _exec_id, sock = exec_start(client, container_id, cmd, user="0", timeout=30)
     try:
         sock.sendall(stdin_prefix + json.dumps(config).encode() + b"\n")
-        return read_ready(sock)
+        return read_ready(sock, with_stderr=with_stderr)
     except OSError:
         return {}
     finally:

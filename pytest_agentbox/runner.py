@@ -16,6 +16,8 @@ leads only where the agent could write anyway.
 """
 
 import contextlib
+import errno
+import json
 import os
 import shutil
 import signal
@@ -26,6 +28,38 @@ import tarfile
 import time
 
 PR_SET_CHILD_SUBREAPER = 36
+
+# The host hands the command's loader variables over in this one (JSON) and keeps them
+# out of our own environment: the loader acts on them before the filter is in place.
+CHILD_ENV = "AGENTBOX_CHILD_ENV"
+LOADER_PREFIXES = ("LD_", "MALLOC_")
+# glibc's unsecvars.h: what it drops for setuid programs.
+LOADER_NAMES = frozenset(
+    ("GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH",
+     "MALLOC_TRACE", "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TMPDIR", "TZDIR")
+)  # fmt: skip
+
+
+def is_loader_variable(name):
+    """True for a variable the dynamic loader or libc acts on before any of our code."""
+    return name in LOADER_NAMES or name.startswith(LOADER_PREFIXES)
+
+
+def child_env(environ):
+    """The command's environment: ours, plus the loader variables meant for it alone."""
+    env = dict(environ)
+    handed = json.loads(env.pop(CHILD_ENV, "") or "{}")
+    env.update({str(k): str(v) for k, v in handed.items()})
+    return env
+
+
+def parent_of(pid):
+    """``pid``'s parent (0 when it is gone); a zombie still has one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def descendants(root):
@@ -48,22 +82,53 @@ def descendants(root):
     return found
 
 
-def kill_tree():
-    """SIGKILL and reap everything below us until nothing is left (bounded rounds)."""
-    for _ in range(100):
-        pids = descendants(os.getpid())
-        if not pids:
-            return
-        for pid in pids:
+def kill_tree(group=0, limit=10.0):
+    """Stop, then SIGKILL and reap, everything below us until nothing is left.
+
+    SIGSTOP first: a stopped process cannot fork, so a fork bomb cannot replace its
+    members faster than they die (SIGKILL alone races it, for seconds on a busy pids
+    cgroup). A pass that finds nobody new means the whole tree is frozen. Bounded by
+    ``limit`` seconds; it returns early once nothing is left. ``group``, the command's
+    process group, is stopped in one call first: a starved runner (a bomb's members
+    share its CPU) would otherwise take many passes just to reach them one by one.
+    Returns (processes killed, processes still there at the end).
+    """
+    me, end, killed = os.getpid(), time.monotonic() + limit, set()
+    while time.monotonic() < end:
+        if group and parent_of(group) == me:
+            # Only while its leader is our unreaped child: until then no other group can
+            # have that id (a stopped stranger would never be killed).
+            with contextlib.suppress(OSError):
+                os.killpg(group, signal.SIGSTOP)
+        frozen = set()
+        while time.monotonic() < end:
+            # A member caught mid-fork leaves a child that the next pass stops.
+            new = [pid for pid in descendants(me) if pid not in frozen]
+            if not new:
+                break
+            for pid in new:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGSTOP)
+            frozen.update(new)
+        for pid in frozen.union(descendants(me)):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        while True:
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
-        time.sleep(0.01)
+                killed.add(pid)
+        reap()
+        if not descendants(me):
+            return len(killed), 0
+        time.sleep(0.005)
+    return len(killed), len(descendants(me))
+
+
+def reap():
+    """Collect every child that has ended (a killed one reparented to us included)."""
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
 
 
 def run(limit, argv):
@@ -71,12 +136,20 @@ def run(limit, argv):
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    proc = subprocess.Popen(argv, start_new_session=True)
+    try:
+        proc = subprocess.Popen(argv, start_new_session=True, env=child_env(os.environ))
+    except (FileNotFoundError, NotADirectoryError):
+        sys.stderr.write(f"agentbox: {argv[0]}: command not found (no such file or directory)\n")
+        return 127  # the shell's code for a missing command
+    except OSError as exc:  # EACCES, ENOEXEC, ...: there, but not something exec can start
+        why = "not executable" if exc.errno == errno.EACCES else exc.strerror
+        sys.stderr.write(f"agentbox: {argv[0]}: cannot execute ({why})\n")
+        return 126
     fired = []
 
     def expire(*_):
-        fired.append(1)
-        kill_tree()
+        start = time.monotonic()
+        fired.append((*kill_tree(proc.pid), time.monotonic() - start))
 
     # A blocking wait plus SIGALRM sees the command's end at once (Popen.wait with a
     # timeout polls, up to 50 ms late on every command).
@@ -85,8 +158,13 @@ def run(limit, argv):
     code = proc.wait()
     signal.setitimer(signal.ITIMER_REAL, 0)
     if fired:
-        kill_tree()
-        sys.stderr.write(f"agentbox: command timed out after {limit:g}s and was killed\n")
+        killed, _, seconds = fired[0]
+        killed += kill_tree()[0]  # the group's leader is reaped: its id may be anyone's
+        left = len(descendants(os.getpid()))
+        what = f"{killed} processes stopped and killed in {seconds:.2f}s"
+        if left:
+            what += f"; {left} still there, the pids limit bounds them"
+        sys.stderr.write(f"agentbox: command timed out after {limit:g}s and was killed ({what})\n")
         return 124
     return code
 
@@ -127,6 +205,13 @@ def write(path):
 
 
 def runner_main(argv):
+    # The host never lets these reach us; if one did, the loader already acted on it
+    # without the filter: refuse rather than run the command as if nothing happened.
+    leaked = sorted(n for n in os.environ if is_loader_variable(n))
+    if leaked:
+        sys.stderr.write(f"agentbox: loader variables reached the runner ({', '.join(leaked)}); "
+                         "nothing was run\n")  # fmt: skip
+        return 126
     try:
         install()  # noqa: F821 - defined by userfilter.py, which the host puts first
     except Exception as exc:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import queue
 import secrets
 import shlex
 import tempfile
@@ -34,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,17 @@ from .errors import AgentboxError, HardeningError, KeyProxyError, SetupCommandFa
 from .manifest import KeyRoute, Resources, format_size
 
 DEFAULT_TIMEOUT = 300.0
+
+# Host memory a sandbox's output may hold. The history (for failure reports) keeps the
+# tail of each stream of its last HISTORY_LENGTH commands within HISTORY_BYTES in all;
+# a spawned process's unread stdout lines stop its reader (and so, through the socket,
+# the process's writes) at SPAWN_BUFFER; one line keeps its first SPAWN_LINE bytes and
+# stderr its last SPAWN_STDERR. Whatever is not kept is counted.
+HISTORY_LENGTH = 20
+HISTORY_BYTES = 4 * 1024 * 1024
+SPAWN_BUFFER = 16 * 1024 * 1024
+SPAWN_LINE = 16 * 1024 * 1024
+SPAWN_STDERR = 1024 * 1024
 
 # Exactly these host variables reach the sandbox (seed: allowlist, not denylist). They
 # shape output and locale only; none can carry code, credentials or a proxy/CA change.
@@ -90,6 +100,23 @@ MAX_HOME_SEED = 32 * 1024 * 1024
 def _runner_source() -> str:
     """The user-command runner, behind the seccomp filter it installs first."""
     return (engine.tool_source("userfilter.py") + b"\n" + engine.tool_source("runner.py")).decode()
+
+
+def _root_step_failure(cmd: list[str], out: engine.ExecOutput) -> str:
+    """What went wrong in a root setup step that gave no result line, and what to do."""
+    err = out.stderr.decode(errors="replace").strip()
+    said = err[-700:] or "nothing on stderr; stdout ended with: " + (
+        out.stdout.decode(errors="replace").strip()[-300:] or "(nothing)"
+    )
+    step = next((a for a in cmd if a.endswith(".py")), cmd[0])
+    head = f"sandbox root setup step {step} failed (exit {out.exit_code}): {said}"
+    if "agentbox: no python3 in the image" in err:
+        return f"{head}. The image needs python3 in one of {', '.join(engine.SYSTEM_DIRS)}."
+    if "OCI runtime exec failed" in err or (out.exit_code in (126, 127) and not out.stdout):
+        return f"{head}. The engine could not start {cmd[0]}: the image needs it (a POSIX shell)."
+    if out.exit_code == 0:
+        return f"{head}. It ended without its JSON result line (is the image's python3 patched?)."
+    return f"{head}. That is the step's own error, as root in the image before any user code."
 
 
 # Sandboxes of this process that are not yet removed: swept at session end and exit,
@@ -182,7 +209,8 @@ class Sandbox:
         self.workdir = f"{self.home}/app"
         self.steps: list[Step] = []
         self.warnings: list[str] = []
-        self.history: deque[CommandResult] = deque(maxlen=20)
+        # Copies whose streams keep their tails (HISTORY_BYTES in all); run() returns whole.
+        self.history: deque[CommandResult] = deque(maxlen=HISTORY_LENGTH)
         self.proxy_ports: dict[str, int] = {}
         self.state_report: str = ""
         self.logs: dict[str, str] = {}
@@ -462,23 +490,28 @@ class Sandbox:
 
     # ---- root steps --------------------------------------------------------------
 
-    def _root_exec(self, cmd: list[str], stdin: bytes | None = None) -> engine.ExecOutput:
+    def _refuse_root_after_user_code(self) -> None:
         # Root never acts on what the agent could have touched: once user code has run,
         # everything in this container could be the agent's (binaries, files, pids).
         if self._user_code_ran:
             raise AgentboxError("refusing to run as root in the sandbox after user code ran")
+
+    def _root_exec(self, cmd: list[str], stdin: bytes | None = None) -> engine.ExecOutput:
+        self._refuse_root_after_user_code()
         return engine.exec_run(self._client, self.container.id, cmd, user="0", stdin=stdin)
+
+    def _root_daemon(self, cmd: list[str], config: Mapping[str, Any]) -> dict[str, Any]:
+        # The same guard as every root exec: a daemon is a root process that stays.
+        self._refuse_root_after_user_code()
+        # with_stderr: the forwarder's config holds socket paths only, no secret.
+        return engine.start_daemon(self._client, self.container.id, cmd, config, with_stderr=True)
 
     def _root_json(self, cmd: list[str], stdin: bytes | None = None) -> dict[str, Any]:
         out = self._root_exec(cmd, stdin)
         try:
             return dict(json.loads(out.stdout.decode().strip().splitlines()[-1]))
         except (ValueError, IndexError):
-            tail = out.stderr.decode(errors="replace")[-500:]
-            raise HardeningError(
-                f"sandbox root setup step failed (exit {out.exit_code}): {tail.strip()}. "
-                "The image needs python3 and a POSIX shell."
-            ) from None
+            raise HardeningError(_root_step_failure(cmd, out)) from None
 
     def _use_ca_bundle(self) -> None:
         # The hardening step wrote one bundle (system CAs plus the extra ones, readable by
@@ -509,7 +542,7 @@ class Sandbox:
             path = self.sidecar.key_socket(r["name"]).replace(sidecar.SOCKET_DIR, self._egress_dir)
             socks.append({"name": "key:" + r["name"], "unix": path})
         cmd = [self._python, "-I", "-S", f"{self._tools_dir}/egressproxy.py", "forward"]
-        ready = engine.start_daemon(self._client, self.container.id, cmd, {"routes": socks})
+        ready = self._root_daemon(cmd, {"routes": socks})
         if not ready.get("ready"):
             why = ready.get("error") or "no ready line"
             raise KeyProxyError(f"the sandbox's forwarder did not start: {why}")
@@ -600,11 +633,32 @@ class Sandbox:
 
     # ---- the user-facing API -------------------------------------------------------
 
-    def _user_env(self, env: Mapping[str, str] | None) -> dict[str, str]:
-        merged = dict(self._env)
+    def _user_env(self, env: Mapping[str, str] | None) -> dict[str, str | None]:
+        """The runner's exec environment: the agent's, minus every loader variable.
+
+        The loader and libc act on LD_PRELOAD, GCONV_PATH, MALLOC_* ... as the runner's
+        interpreter starts, before its seccomp filter is in: the runner gets none of them
+        (None unsets one the image's ENV sets, which every exec inherits) and hands the
+        real values, the image's included, to the command alone.
+        """
+        from .runner import CHILD_ENV, is_loader_variable
+
+        merged: dict[str, str | None] = dict(self._env)
         if env:
             merged.update(env)
+        image = dict(v.split("=", 1) for v in self._container_env() if "=" in v)
+        handed = {k: v for k, v in image.items() if is_loader_variable(k)}
+        handed.update({k: v for k, v in merged.items() if is_loader_variable(k) and v is not None})
+        for name in {*handed, *(k for k in merged if is_loader_variable(k))}:
+            merged[name] = None
+        merged[CHILD_ENV] = json.dumps(handed)
         return merged
+
+    def _container_env(self) -> list[str]:
+        # What the engine gives every exec in this container before ours: image ENV
+        # merged with the create-time environment (read once, at creation).
+        attrs = getattr(self.container, "attrs", None) or {}
+        return list((attrs.get("Config") or {}).get("Env") or [])
 
     def _user_argv(self, mode: str, *args: str) -> list[str]:
         """argv of one runner call: the only way anything runs as the user."""
@@ -679,7 +733,7 @@ class Sandbox:
             stdout_dropped=out.dropped[0],
             stderr_dropped=out.dropped[1],
         )
-        self.history.append(result)
+        self.history.append(_for_history(result))
         return result
 
     def spawn(
@@ -885,35 +939,105 @@ class Sandbox:
         return f"<Sandbox {cid} image={self.config.image!r}>"
 
 
+def _tail_text(text: str, limit: int) -> tuple[str, int]:
+    """The end of ``text`` within ``limit`` UTF-8 bytes, and how many bytes were cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text, 0
+    tail = data[-limit:].decode("utf-8", "ignore")
+    return tail, len(data) - len(tail.encode())
+
+
+def _for_history(result: CommandResult) -> CommandResult:
+    """``result`` as the history keeps it: each stream's tail, cuts counted and marked."""
+    limit = HISTORY_BYTES // (2 * HISTORY_LENGTH)
+    out, cut_out = _tail_text(result.stdout, limit)
+    err, cut_err = _tail_text(result.stderr, limit)
+    if not (cut_out or cut_err):
+        return result
+
+    def mark(cut: int, name: str, text: str) -> str:
+        return f"[agentbox: {cut} earlier bytes of {name} not kept in the history]\n{text}"
+
+    return replace(
+        result,
+        stdout=mark(cut_out, "stdout", out) if cut_out else out,
+        stderr=mark(cut_err, "stderr", err) if cut_err else err,
+        stdout_dropped=result.stdout_dropped + cut_out,
+        stderr_dropped=result.stderr_dropped + cut_err,
+    )
+
+
 class Spawned:
-    """A long-running process in a sandbox, talking newline-delimited JSON."""
+    """A long-running process in a sandbox, talking newline-delimited JSON.
+
+    Bounded on the host: while SPAWN_BUFFER bytes of stdout lines wait unread, nothing
+    more is read (the process blocks on its writes until the test reads); a line keeps
+    its first SPAWN_LINE bytes and stderr its last SPAWN_STDERR, the rest counted in
+    ``stdout_dropped`` / ``stderr_dropped``.
+    """
 
     def __init__(self, sandbox: Sandbox, command: str, exec_id: str, sock: Any) -> None:
         self.sandbox = sandbox
         self.command = command
         self._exec_id = exec_id
         self._sock = sock
-        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._lines: deque[str | None] = deque()
+        self._pending = 0  # bytes of the lines in _lines
+        self._cond = threading.Condition()
+        self._closing = False
         self._stderr = bytearray()
+        self.stdout_dropped = 0  # bytes of over-long lines not kept
+        self.stderr_dropped = 0  # bytes of stderr before the tail that is kept
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
+    def _put(self, line: str | None) -> None:
+        size = len(line) if line else 0
+        with self._cond:
+            # Back-pressure, not loss: the test reads at its pace (closing stops waiting).
+            while self._pending and self._pending + size > SPAWN_BUFFER and not self._closing:
+                self._cond.wait()
+            if self._closing and line is not None:
+                return  # nobody will read it
+            self._lines.append(line)
+            self._pending += size
+            self._cond.notify_all()
+
+    def _keep_stderr(self, data: bytes) -> None:
+        self._stderr.extend(data)
+        excess = len(self._stderr) - SPAWN_STDERR
+        if excess > 0:
+            del self._stderr[:excess]
+            self.stderr_dropped += excess
+
     def _read(self) -> None:
-        buf = b""
+        buf = bytearray()
         try:
             for stream, data in engine._frames(self._sock):
                 if stream == 2:
-                    self._stderr.extend(data)
+                    self._keep_stderr(data)
                     continue
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    self._lines.put(line.decode("utf-8", "replace"))
+                while data:
+                    i = data.find(b"\n")
+                    part, data = (data, b"") if i < 0 else (data[:i], data[i + 1 :])
+                    room = max(0, SPAWN_LINE - len(buf))
+                    buf += part[:room]
+                    self.stdout_dropped += max(0, len(part) - room)
+                    if i >= 0:
+                        self._put(buf.decode("utf-8", "replace"))
+                        buf = bytearray()
         except OSError:
             pass
         if buf:
-            self._lines.put(buf.decode("utf-8", "replace"))
-        self._lines.put(None)
+            self._put(buf.decode("utf-8", "replace"))
+        self._put(None)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of stdout lines read from the process and not yet taken by the test."""
+        with self._cond:
+            return self._pending
 
     def send(self, message: str | Mapping[str, Any]) -> None:
         """Write one line (a dict is sent as JSON) to the process's stdin."""
@@ -922,10 +1046,20 @@ class Spawned:
 
     def readline(self, timeout: float = 30.0) -> str | None:
         """The next stdout line, or None at end of output; TimeoutError after ``timeout``."""
-        try:
-            return self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no output line within {timeout}s from: {self.command}") from None
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._lines:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no output line within {timeout}s from: {self.command}")
+                self._cond.wait(left)
+            line = self._lines.popleft()
+            if line is None:
+                self._lines.appendleft(None)  # the end stays the end for every later call
+                return None
+            self._pending -= len(line)
+            self._cond.notify_all()
+            return line
 
     def read_json(self, timeout: float = 30.0) -> Any:
         """The next stdout line parsed as JSON (blank lines skipped)."""
@@ -943,6 +1077,9 @@ class Spawned:
 
     def close(self, timeout: float = 10.0) -> int:
         """Close stdin, wait for the process to end; returns its exit code."""
+        with self._cond:
+            self._closing = True  # a reader waiting for room drops the rest instead
+            self._cond.notify_all()
         with contextlib.suppress(OSError):
             self._sock.shutdown(1)
         self._reader.join(timeout)

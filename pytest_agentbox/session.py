@@ -76,20 +76,41 @@ def setup_summary(sb: Sandbox) -> dict[str, Any]:
 
 
 def redactor(secrets_: list[str]) -> Callable[[str], str]:
-    # The key proxy's own list of the forms a key leaks in: one rule for both.
+    """A function that replaces every secret, in every form it leaks in, by ``[redacted]``.
+
+    The forms are the key proxy's (``keyproxy.leak_forms``), matched regardless of case
+    (hex and percent-escapes are written in either, or mixed), plus JSON text in which
+    any character may be spelled ``\\u00XX`` (or ``\\/``, ``\\"``, ``\\\\``).
+    """
     from .keyproxy import leak_forms
 
     forms = {s for s in secrets_ if s and len(s) >= 8}
     forms |= {f.decode() for s in list(forms) if s.isascii() for f in leak_forms(s.encode())}
     values = sorted({f for f in forms if len(f) >= 8}, key=len, reverse=True)
-    pattern = re.compile("|".join(re.escape(v) for v in values)) if values else None
-    return (lambda text: pattern.sub("[redacted]", text)) if pattern else (lambda text: text)
+    alternatives = [_json_spelled(s) for s in secrets_ if s and len(s) >= 8 and s.isascii()]
+    alternatives += [re.escape(v) for v in values]
+    if not alternatives:
+        return lambda text: text
+    pattern = re.compile("|".join(alternatives), re.IGNORECASE)
+    return lambda text: pattern.sub("[redacted]", text)
+
+
+def _json_spelled(secret: str) -> str:
+    """A pattern for ``secret`` with each character as itself or a JSON escape of it."""
+    parts = []
+    for c in secret:
+        spellings = [re.escape(c), rf"\\u{ord(c):04x}"]
+        if c in '/"\\':
+            spellings.append(re.escape("\\" + c))
+        parts.append("(?:" + "|".join(spellings) + ")")
+    return "".join(parts)
 
 
 def report_sections(sandboxes: list[Sandbox]) -> list[tuple[str, str]]:
-    """Report sections for a failed test: commands, key proxy log, egress, setup steps.
+    """Report sections for a failed test: setup, egress policy, commands, logs, state.
 
-    Keys and session tokens are redacted from everything, including command output.
+    Every section passes through the redactor: keys and session tokens never appear,
+    in any form, whichever section (command output, a warning, a log) carried them.
     """
     out: list[tuple[str, str]] = []
     for i, sb in enumerate(sandboxes):
@@ -101,21 +122,28 @@ def report_sections(sandboxes: list[Sandbox]) -> list[tuple[str, str]]:
         logs = sb.collect_logs()
         steps = "\n".join(f"{s.name:<18} {s.seconds:7.3f}s" for s in sb.steps)
         steps += "".join(f"\nwarning: {w}" for w in sb.warnings)
-        out.append((f"setup{tag}", f"image {sb.config.image}\n{steps}"))
+        mine = [(f"setup{tag}", f"image {sb.config.image}\n{steps}")]
         if sb.config.egress is not None:
-            out.append((f"egress policy{tag}", sb.config.egress.describe()))
+            mine.append((f"egress policy{tag}", sb.config.egress.describe()))
         if sb.history:
             cmds = [
                 f"$ {c.command}  [exit {c.exit_code}, {c.duration:.2f}s"
-                f"{', TIMED OUT' if c.timed_out else ''}]\n{_tail(c.stdout)}{_tail(c.stderr)}"
+                f"{', TIMED OUT' if c.timed_out else ''}{_dropped(c)}]\n"
+                f"{_tail(c.stdout)}{_tail(c.stderr)}"
                 for c in sb.history
             ]
-            out.append((f"commands{tag}", redact("\n".join(cmds))))
+            mine.append((f"commands{tag}", "\n".join(cmds)))
         for title, text in logs.items():
-            out.append((f"{title}{tag}", redact(text.strip() or "(empty)")))
+            mine.append((f"{title}{tag}", text.strip() or "(empty)"))
         if sb.state_report:
-            out.append((f"state{tag}", sb.state_report))
+            mine.append((f"state{tag}", sb.state_report))
+        out += [(redact(title), redact(text)) for title, text in mine]
     return out
+
+
+def _dropped(result: Any) -> str:
+    n = result.stdout_dropped + result.stderr_dropped
+    return f", {n} bytes of its output not kept" if n else ""
 
 
 def _tail(text: str, lines: int = 30) -> str:

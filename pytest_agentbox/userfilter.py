@@ -71,6 +71,10 @@ DENIED = {  # abi -> {name: nr}, the table install() enforces (clone: by its fla
     for abi, _arch, col, bias in ABIS
 }
 
+# uname's machine names for kernels whose every ABI is in ABIS (a 64-bit kernel also
+# runs its 32-bit programs: i386 on x86_64, arm on aarch64).
+MACHINES = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "aarch64", "arm64")
+
 _LD, _JEQ, _JSET, _JA, _RET = 0x20, 0x15, 0x45, 0x05, 0x06  # BPF_LD|W|ABS, JMP|*|K, RET|K
 _ALLOW, _ERRNO, _EPERM, _ENOSYS = 0x7FFF0000, 0x00050000, 1, 38
 _NR, _ARCH, _ARG0_LO = 0, 4, 16  # offsets in struct seccomp_data (little-endian arches)
@@ -121,6 +125,16 @@ def install():
     if len(os.listdir("/proc/self/task")) != 1:
         # A filter set with prctl covers the calling thread only.
         raise RuntimeError("seccomp filter: install() must run before any thread starts")
+    machine = os.uname().machine
+    if machine not in MACHINES and not machine.startswith("arm"):
+        # The program answers EPERM to every call of an arch it has no table for: the
+        # runner could not even write why it stopped.
+        raise RuntimeError(
+            f"seccomp filter: this machine's architecture {machine!r} is not one it knows "
+            "(x86_64, i386, aarch64, arm), and behind it every system call would fail. Run "
+            "the sandbox on one of those, or add the architecture's numbers to "
+            "userfilter.GATED and ABIS"
+        )
     try:
         import ctypes
 
