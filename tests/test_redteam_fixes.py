@@ -29,7 +29,7 @@ RUNNER = Path(runner.__file__).read_text()
 def _programs(sb: Any, pattern: str) -> list[str]:
     """The programs the loader logged for (LD_DEBUG=files), from the agent's own files."""
     out = sb.run(
-        f"find / -xdev -name '{pattern}' -user {sb.user['uid']} 2>/dev/null "
+        f"find /tmp -name '{pattern}' -user {sb.user['uid']} 2>/dev/null "
         "| xargs -r grep -h 'initialize program:'",
         env={"LD_DEBUG": "", "LD_DEBUG_OUTPUT": ""},
     )
