@@ -53,6 +53,7 @@ import json
 import os
 import re
 import resource
+import select
 import selectors
 import socket
 import ssl
@@ -68,6 +69,7 @@ from urllib.parse import quote
 HEAD_MAX, BODY_MAX, BUF, DECODED_MAX = 64 * 1024, 100 * 1024 * 1024, 64 * 1024, 100 * 1024**2
 TIMEOUT, ACTIVE_MAX, CONNS_MAX, BUFFERED_MAX, LINGER = 60.0, 32, 1024, 256 * 1024**2, 2.0
 METHODS = frozenset(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+IDEMPOTENT, POOL_MAX, POOL_IDLE = METHODS - {"POST", "PATCH"}, 8, 15.0
 # Headers this proxy sets or drops itself: a key must never be put in one of them.
 MANAGED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 MANAGED_HEADERS |= {"te", "trailer", "upgrade", "expect", "accept-encoding"}
@@ -92,6 +94,8 @@ _TEXT |= {405: "Method not allowed", 413: "Request body too large", 431: "Reques
 _TEXT |= {502: "Upstream connection failed", 503: "Key proxy busy", 504: "Upstream timed out"}
 _TEXT |= {505: "HTTP version not supported"}
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
+# What a pooled connection the upstream closed while idle fails with, before any answer.
+_STALE = (ConnectionError, http.client.BadStatusLine, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 if TYPE_CHECKING:  # aliases only for checkers: "int | None" fails at runtime on 3.9
     Headers = list[tuple[bytes, bytes]]
     Request = tuple[str, str, Headers, int | None, bytes]
@@ -246,7 +250,7 @@ class Conn:
         self.buf, self.held, self.need, self.req = bytearray(), 0, 0, None
         self.start = time.monotonic()
         self.rec: dict[str, Any] = {"route": route["name"], "method": "", "path": ""}
-        self.rec.update(status=0, bytes_in=0, bytes_out=0)
+        self.rec.update(status=0, bytes_in=0, bytes_out=0, reused=False)
 
 
 class Proxy:
@@ -258,6 +262,8 @@ class Proxy:
         self.timeout = float(cfg.get("request_timeout") or TIMEOUT)
         self.max_active = int(cfg.get("max_active") or ACTIVE_MAX)
         self.max_conns = int(cfg.get("max_connections") or CONNS_MAX)
+        self.pool_max = int(cfg.get("pool_max", POOL_MAX))
+        self.pool: dict[str, list[tuple[float, Any]]] = {}
         self.leaks = Leaks([str(r["key"]).encode() for r in cfg["routes"]])
         self.ctx = ssl.create_default_context()  # system CAs, hostname check, CERT_REQUIRED
         self.ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -322,6 +328,7 @@ class Proxy:
                         self.sel.register(sock, selectors.EVENT_READ, route)
                 if now >= sweep:
                     sweep = now + 0.1
+                    self.prune(now)
                     for c in [c for c in self.conns if c.deadline <= now]:
                         if c.state == "drain":
                             self.close(c)
@@ -473,12 +480,11 @@ class Proxy:
 
     def work(self, c: Conn) -> None:
         """Forward one checked request and stream its answer, scanned for leaks."""
-        upstream, leaks, reset = None, {}, False
+        up, leaks, reset, reuse = None, {}, False, False
         try:
             c.sock.settimeout(self.timeout)
             try:  # failures before any answer become fixed texts, never exception text
-                upstream = self.forward(c.route, c.req, bytes(c.buf))
-                resp = upstream.getresponse()
+                up, resp = self.exchange(c, bytes(c.buf))
             except socket.timeout:  # noqa: UP041 -- not TimeoutError on Python 3.9
                 raise Refused(504) from None
             except Exception:
@@ -488,6 +494,8 @@ class Proxy:
                 self.account(c)
             c.rec["status"] = resp.status
             self.relay(c, resp, leaks)
+            # Only an answer read to its exact end, clean, may leave its connection open.
+            reuse = not leaks and resp.isclosed() and not resp.will_close
         except Refused as exc:
             c.rec["status"] = status = exc.args[0]
             with contextlib.suppress(OSError):
@@ -498,8 +506,8 @@ class Proxy:
         except Exception:  # noqa: S110 -- agent or upstream gone mid-answer: just close
             pass
         finally:
-            if upstream is not None:
-                upstream.close()
+            if up is not None:
+                self.give_back(c.route, up, reuse)
             with self.lock:
                 self.active -= 1
             self.log_request(c)
@@ -515,35 +523,83 @@ class Proxy:
                 with contextlib.suppress(OSError):
                     self.wake_w.send(b"\0")
 
-    def forward(self, route: dict[str, Any], req: Any, body: bytes) -> http.client.HTTPSConnection:
-        """Open the pinned upstream (tunnelled when configured) and send the request."""
-        method, target, headers, length = req
+    def exchange(self, c: Conn, body: bytes) -> tuple[Any, http.client.HTTPResponse]:
+        """Send on an idle pooled connection, else a new one; the upstream's answer.
+
+        A pooled connection the upstream closed meanwhile fails before any answer: an
+        idempotent request is then sent once more on a new one, any other gets 502.
+        """
+        up = self.take(c.route)
+        if up is not None:
+            try:
+                self.forward(up, c.route, c.req, body)
+                c.rec["reused"] = True
+                return up, up.getresponse()
+            except BaseException as exc:
+                up.close()
+                c.rec["reused"] = False
+                if not isinstance(exc, _STALE) or c.req[0] not in IDEMPOTENT:
+                    raise
         if self.via:
             host, port = str(self.via["host"]), int(self.via["port"])
         else:
-            host, port = route["domain"], self.port
+            host, port = c.route["domain"], self.port
         up = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.ctx)
         if self.via:  # TLS still checks the certificate against the pinned domain
-            up.set_tunnel(route["domain"], self.port)
+            up.set_tunnel(c.route["domain"], self.port)
+        try:
+            self.forward(up, c.route, c.req, body)
+            return up, up.getresponse()
+        except BaseException:
+            up.close()
+            raise
+
+    def take(self, route: dict[str, Any]) -> Any:
+        """An idle pooled connection that is still quiet (no EOF, no stray bytes), or None."""
+        with self.lock:
+            idle = self.pool.setdefault(route["name"], [])
+            while idle:
+                since, up = idle.pop()
+                poll = select.poll()
+                poll.register(up.sock, select.POLLIN)
+                quiet = not up.sock.pending() and not poll.poll(0)
+                if quiet and time.monotonic() - since < POOL_IDLE:
+                    return up
+                up.close()
+        return None
+
+    def give_back(self, route: dict[str, Any], up: Any, reuse: bool) -> None:
+        """Pool ``up`` for the next request of its route, or close it."""
+        with self.lock:
+            idle = self.pool.setdefault(route["name"], [])
+            if reuse and up.sock is not None and len(idle) < self.pool_max:
+                return idle.append((time.monotonic(), up))
+        up.close()
+
+    def prune(self, now: float) -> None:
+        """Close the pooled connections idle for POOL_IDLE seconds."""
+        with self.lock:
+            for idle in self.pool.values():
+                while idle and now - idle[0][0] >= POOL_IDLE:
+                    idle.pop(0)[1].close()
+
+    def forward(self, up: Any, route: dict[str, Any], req: Any, body: bytes) -> None:
+        """Send the checked request on ``up`` with the route's key in place of the token."""
+        method, target, headers, length = req
         named = [v for n, v in headers if n.lower() == b"connection"]
         drop = {t.strip().lower() for v in named for t in v.split(b",")}
         drop |= _DROP | {route["header"].lower()}
         host_value = route["domain"] if self.port == 443 else f"{route['domain']}:{self.port}"
-        try:
-            up.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-            up.putheader(b"Host", host_value.encode())
-            for name, value in headers:
-                if name.lower() not in drop and not name.lower().startswith(b"proxy-"):
-                    up.putheader(name, value)
-            up.putheader(route["header"], route["value"])
-            up.putheader(b"Accept-Encoding", b"identity")  # only what the scan can read
-            if length is not None:
-                up.putheader(b"Content-Length", str(length).encode())
-            up.endheaders(body or None)
-        except BaseException:
-            up.close()
-            raise
-        return up
+        up.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        up.putheader(b"Host", host_value.encode())
+        for name, value in headers:
+            if name.lower() not in drop and not name.lower().startswith(b"proxy-"):
+                up.putheader(name, value)
+        up.putheader(route["header"], route["value"])
+        up.putheader(b"Accept-Encoding", b"identity")  # only what the scan can read
+        if length is not None:
+            up.putheader(b"Content-Length", str(length).encode())
+        up.endheaders(body or None)
 
     def relay(self, c: Conn, resp: http.client.HTTPResponse, leaks: dict) -> None:
         """Send the allowlisted head and the body as it arrives (SSE), both masked."""
@@ -675,6 +731,7 @@ def load_config(line: str) -> dict[str, Any]:
     if via is not None and not (isinstance(via, dict) and via.get("host") and via.get("port")):
         raise ConfigError("upstream_proxy must be null or {host, port}")
     number(cfg, "request_timeout", 0.1, 3600)
+    number(cfg, "pool_max", 0, 64)
     for name, high in (("max_active", 4096), ("max_connections", 65536), ("upstream_port", 65535)):
         number(cfg, name, 1, high)
     if via is not None:

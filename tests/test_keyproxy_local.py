@@ -45,7 +45,7 @@ ROUTES = [  # name, domain, auth style
 ]
 OK = [{"method": "*", "path": "/v1/*", "status": 200, "body": '{"ok": true}',
        "headers": {"content-type": "application/json"}}]  # fmt: skip
-LOG_FIELDS = {"ts", "route", "method", "path", "status", "bytes_in", "bytes_out", "ms"}
+LOG_FIELDS = {"ts", "route", "method", "path", "status", "bytes_in", "bytes_out", "ms", "reused"}
 
 # ---------------------------------------------------------------------------- helpers
 
