@@ -263,6 +263,7 @@ class Proxy:
         self.max_active = int(cfg.get("max_active") or ACTIVE_MAX)
         self.max_conns = int(cfg.get("max_connections") or CONNS_MAX)
         self.pool_max = int(cfg.get("pool_max", POOL_MAX))
+        self.pool_idle = float(cfg.get("pool_idle") or POOL_IDLE)
         self.pool: dict[str, list[tuple[float, Any]]] = {}
         self.leaks = Leaks([str(r["key"]).encode() for r in cfg["routes"]])
         self.ctx = ssl.create_default_context()  # system CAs, hostname check, CERT_REQUIRED
@@ -495,7 +496,7 @@ class Proxy:
             c.rec["status"] = resp.status
             self.relay(c, resp, leaks)
             # Only an answer read to its exact end, clean, may leave its connection open.
-            reuse = not leaks and resp.isclosed() and not resp.will_close
+            reuse = not leaks and not resp.will_close and ended(up, resp)
         except Refused as exc:
             c.rec["status"] = status = exc.args[0]
             with contextlib.suppress(OSError):
@@ -563,7 +564,7 @@ class Proxy:
                 poll = select.poll()
                 poll.register(up.sock, select.POLLIN)
                 quiet = not up.sock.pending() and not poll.poll(0)
-                if quiet and time.monotonic() - since < POOL_IDLE:
+                if quiet and time.monotonic() - since < self.pool_idle:
                     return up
                 up.close()
         return None
@@ -577,10 +578,10 @@ class Proxy:
         up.close()
 
     def prune(self, now: float) -> None:
-        """Close the pooled connections idle for POOL_IDLE seconds."""
+        """Close the pooled connections idle for ``pool_idle`` seconds."""
         with self.lock:
             for idle in self.pool.values():
-                while idle and now - idle[0][0] >= POOL_IDLE:
+                while idle and now - idle[0][0] >= self.pool_idle:
                     idle.pop(0)[1].close()
 
     def forward(self, up: Any, route: dict[str, Any], req: Any, body: bytes) -> None:
@@ -653,6 +654,26 @@ def allowed_headers(resp: http.client.HTTPResponse, decoding: bool) -> list[tupl
     if _DIGITS.fullmatch(length.encode("latin-1")) and not resp.chunked and not decoding:
         out.append(("Content-Length", length))  # only the value http.client frames by
     return out
+
+
+def ended(up: Any, resp: http.client.HTTPResponse) -> bool:
+    """True if ``resp`` was read to its exact end and no byte follows it (yet)."""
+    if not resp.isclosed() and resp.length != 0:
+        return False
+    try:  # a byte http.client read ahead or one on the socket, or EOF: not reused
+        if not resp.isclosed():
+            up.sock.settimeout(0)
+            resp.fp.read1(1)
+            return False
+        return True
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return True
+    except OSError:
+        return False
+    finally:
+        resp.close()
+        if up.sock is not None:
+            up.sock.settimeout(up.timeout)
 
 
 def decoded(resp: http.client.HTTPResponse, coding: str) -> Any:
@@ -732,6 +753,7 @@ def load_config(line: str) -> dict[str, Any]:
         raise ConfigError("upstream_proxy must be null or {host, port}")
     number(cfg, "request_timeout", 0.1, 3600)
     number(cfg, "pool_max", 0, 64)
+    number(cfg, "pool_idle", 0.1, 300)
     for name, high in (("max_active", 4096), ("max_connections", 65536), ("upstream_port", 65535)):
         number(cfg, name, 1, high)
     if via is not None:
