@@ -485,7 +485,7 @@ class Proxy:
         try:
             c.sock.settimeout(self.timeout)
             try:  # failures before any answer become fixed texts, never exception text
-                up, resp = self.exchange(c, bytes(c.buf))
+                up, sock, resp = self.exchange(c, bytes(c.buf))
             except socket.timeout:  # noqa: UP041 -- not TimeoutError on Python 3.9
                 raise Refused(504) from None
             except Exception:
@@ -494,7 +494,7 @@ class Proxy:
                 c.buf = bytearray()
                 self.account(c)
             c.rec["status"] = resp.status
-            self.relay(c, resp, leaks)
+            self.relay(c, resp, leaks, sock)
             # Only an answer read to its exact end, clean, may leave its connection open.
             reuse = not leaks and not resp.will_close and ended(up, resp)
         except Refused as exc:
@@ -524,7 +524,7 @@ class Proxy:
                 with contextlib.suppress(OSError):
                     self.wake_w.send(b"\0")
 
-    def exchange(self, c: Conn, body: bytes) -> tuple[Any, http.client.HTTPResponse]:
+    def exchange(self, c: Conn, body: bytes) -> tuple[Any, Any, http.client.HTTPResponse]:
         """Send on an idle pooled connection, else a new one; the upstream's answer.
 
         A pooled connection the upstream closed meanwhile fails before any answer: an
@@ -535,7 +535,7 @@ class Proxy:
             try:
                 self.forward(up, c.route, c.req, body)
                 c.rec["reused"] = True
-                return up, up.getresponse()
+                return up, up.sock, up.getresponse()
             except BaseException as exc:
                 up.close()
                 c.rec["reused"] = False
@@ -550,7 +550,7 @@ class Proxy:
             up.set_tunnel(c.route["domain"], self.port)
         try:
             self.forward(up, c.route, c.req, body)
-            return up, up.getresponse()
+            return up, up.sock, up.getresponse()  # the socket: getresponse may drop it
         except BaseException:
             up.close()
             raise
@@ -602,7 +602,7 @@ class Proxy:
             up.putheader(b"Content-Length", str(length).encode())
         up.endheaders(body or None)
 
-    def relay(self, c: Conn, resp: http.client.HTTPResponse, leaks: dict) -> None:
+    def relay(self, c: Conn, resp: http.client.HTTPResponse, leaks: dict, sock: Any) -> None:
         """Send the allowlisted head and the body as it arrives (SSE), both masked."""
         coding = (resp.getheader("content-encoding") or "identity").strip().lower()
         if coding not in ("identity", "gzip", "x-gzip", "deflate"):
@@ -616,7 +616,7 @@ class Proxy:
             lines.append(line.decode("latin-1"))
         self.send(c, "\r\n".join([*lines, "Connection: close", "", ""]).encode("latin-1"))
         tail = b""
-        for data in decoded(resp, coding):
+        for data in decoded(resp, coding, sock):
             buf, found = self.leaks.mask(tail + data if tail else data)
             for form in found:
                 leaks["body", form] = leaks.get(("body", form), 0) + 1
@@ -676,12 +676,18 @@ def ended(up: Any, resp: http.client.HTTPResponse) -> bool:
             up.sock.settimeout(up.timeout)
 
 
-def decoded(resp: http.client.HTTPResponse, coding: str) -> Any:
+def decoded(resp: http.client.HTTPResponse, coding: str, sock: Any) -> Any:
     """The body's bytes as they arrive, gzip or deflate decoded up to DECODED_MAX."""
-    inflate, total = None, 0
+    inflate, total, poll = None, 0, select.poll()
+    poll.register(sock, select.POLLIN)
     while chunk := resp.read1(BUF):
-        if coding == "identity":
-            yield chunk
+        if coding == "identity":  # plus what is there already: fewer scans and sends
+            parts = [chunk]
+            while not resp.chunked and len(parts) < 16 and (sock.pending() or poll.poll(0)):
+                parts.append(resp.read1(BUF))  # a chunk header could wait: never for SSE
+                if not parts[-1]:
+                    break
+            yield b"".join(parts)
             continue
         if inflate is None:  # "deflate" is zlib-wrapped by the spec, raw in the wild
             zlib_header = (

@@ -375,6 +375,7 @@ def test_session_token_is_swapped_for_the_real_key(
     proxy: KeyProxy, upstream: Upstream, route: str, name: str, value: str, expected: tuple
 ) -> None:
     key, body = proxy.keys[route], json.dumps({"model": "m", "messages": []}).encode()
+    logged = len(proxy.log_entries(0))
     req = urllib.request.Request(  # noqa: S310 -- always http://127.0.0.1
         proxy.url(route, "/v1/chat/completions?stream=false"), data=body, method="POST",
         headers={name: value.format(t=proxy.token), "Content-Type": "application/json"},
@@ -392,7 +393,8 @@ def test_session_token_is_swapped_for_the_real_key(
     assert proxy.token not in json.dumps(got)
     # A new tunnel to the pinned domain, or a pooled connection of this route (opened so).
     if proxy.tunnel.tunnels != [f"CONNECT {domain}:443"]:
-        assert proxy.tunnel.tunnels == [] and proxy.log_entries(1)[-1]["reused"] is True
+        assert proxy.tunnel.tunnels == []
+        assert proxy.log_entries(logged + 1)[logged]["reused"] is True
 
 
 @pytest.mark.parametrize(("method", "body"), [("GET", b""), ("DELETE", b""), ("PUT", b"x" * 70_000),
