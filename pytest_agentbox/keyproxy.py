@@ -51,6 +51,7 @@ import hmac
 import http.client
 import json
 import os
+import queue
 import re
 import resource
 import select
@@ -616,7 +617,7 @@ class Proxy:
             lines.append(line.decode("latin-1"))
         self.send(c, "\r\n".join([*lines, "Connection: close", "", ""]).encode("latin-1"))
         tail = b""
-        for data in decoded(resp, coding, sock):
+        for data in ahead(decoded(resp, coding, sock)):
             buf, found = self.leaks.mask(tail + data if tail else data)
             for form in found:
                 leaks["body", form] = leaks.get(("body", form), 0) + 1
@@ -705,6 +706,46 @@ def decoded(resp: http.client.HTTPResponse, coding: str, sock: Any) -> Any:
             yield data
     if inflate is not None and not inflate.eof:
         raise Cut("truncated compressed body")
+
+
+def ahead(items: Any, depth: int = 8) -> Any:
+    """``items`` made by a helper thread up to ``depth`` ahead: TLS reads overlap the scan.
+
+    Each item is passed on as soon as it is made (SSE never waits); the helper's error is
+    raised here. If the consumer stops early the helper ends at its next item (the caller
+    closes the upstream connection, which ends a pending read).
+    """
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def offer(pair: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                q.put(pair, timeout=0.2)
+                return True
+        return False
+
+    def produce() -> None:
+        try:
+            if not all(offer((False, item)) for item in items):
+                return
+        except BaseException as exc:
+            offer((True, exc))
+        else:
+            offer((True, None))
+
+    try:
+        threading.Thread(target=produce, daemon=True).start()
+    except RuntimeError:  # no thread to be had: read in this one
+        yield from items
+        return
+    try:
+        while not (pair := q.get())[0]:
+            yield pair[1]
+        if pair[1] is not None:
+            raise pair[1]
+    finally:
+        stop.set()
 
 
 def reply(status: int) -> bytes:
