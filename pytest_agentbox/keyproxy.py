@@ -1,46 +1,42 @@
 """Key proxy of an agentbox sandbox: stdlib only, Python 3.9+, one file, run as root.
 
-One JSON config line on stdin is the only way real keys arrive (never argv, env or
-disk). Each route listens on a 127.0.0.1 port, or on a Unix socket (``"unix": PATH``,
-created 0600 under a umask: never reachable by others). It prints
-``{"ready": true, "ports": {name: port}, "sockets": {name: path}}`` (or ``{"ready":
-false, "error": TEXT}``, TEXT naming the field, never a value) and serves: the agent
-holds a session token, the proxy swaps it for the real key. With ``"owner_stdin": true``
-it keeps reading stdin and exits at end-of-file: the owner's death ends the keys.
+Keys arrive only in the JSON config line on stdin (never argv, env or disk). Each route
+listens on 127.0.0.1 or a 0600 Unix socket (``"unix": PATH``, bound under a umask),
+prints ``{"ready": true, "ports": {name: port}, "sockets": {name: path}}`` (or ``{"ready":
+false, "error": TEXT}``, naming a field, never a value) and swaps the agent's session
+token for the real key. ``"owner_stdin": true``: exit when stdin ends (the owner died).
 Security properties:
 - Token required (``Authorization: Bearer``, ``x-api-key`` or the route's header),
-  compared in constant time; else 403. Nothing the agent sent is ever echoed.
-- The head is checked as raw bytes (no lenient parser), 64 KiB at most (431): CRLF
-  line ends only; no bare CR/LF, NUL or other controls (HTAB only in values); no
-  obs-fold; token header names; origin-form target without spaces, controls or "#",
-  never "//"; HTTP/1.0 or 1.1 only (505). Methods GET POST PUT PATCH DELETE HEAD OPTIONS
-  only (405). Any header name spelling "transfer-encoding" is refused; Content-Length
-  is digits (repeats identical); over 100 MiB is 413 unread.
-- Availability: one selector loop reads every head and body, so idle or trickling
-  connections hold no thread and no slot. One deadline per request for head and body
-  (``request_timeout``, 60 s: 408). At most ``max_active`` (32) requests are forwarded
-  at once and ``max_connections`` (1024) are open; beyond either, 503 at once. Buffered
-  request bytes are capped (256 MiB). No descriptor, thread or agent error ends the loop.
-- The whole request is read and checked before the upstream is contacted; one request
-  per connection (``Connection: close``), bytes after the body are never forwarded.
-- Upstream pinned per route, TLS verified (system CAs plus ``ca_pem``), through the
-  egress CONNECT proxy when configured. Hop-by-hop, Host, Cookie, Accept-Encoding and the
-  agent's auth headers are dropped; the real key is set in the route's style; the
-  upstream is asked for ``Accept-Encoding: identity``.
-- The key never comes back. Response headers pass only from an allowlist, and every
-  passed header line and the whole body are scanned for each real key of this proxy:
-  raw (so also ``Bearer KEY``), base64 and base64url at all three byte alignments (so
-  the base64 of any text holding the key, ``Bearer KEY`` and ``user:KEY`` included),
-  hex (lower, upper), percent-encoded (minimal and every byte, both cases) and
-  JSON-escaped (plain, ``\\/``, HTML-safe). A hit is replaced by as many ``*`` (so
-  Content-Length stays right) and logged as ``{"event": "leak", "route", "path",
-  "where": "body" | "header:NAME", "form", "count"}``. The scan is linear and streams:
-  only a tail that could begin a pattern waits for the next read (SSE events end in
-  newlines and never wait). gzip and deflate bodies are decoded (at most 100 MiB, past
-  it the connection is reset and the request logged with a ``note``) and sent as
-  identity, close-delimited; any other content-encoding is 502, nothing passed.
+  constant-time compare, else 403. Nothing the agent sent is ever echoed.
+- Heads checked as raw bytes, 64 KiB at most (431): CRLF only, no bare CR/LF, NUL or
+  other controls (HTAB in values), no obs-fold, token names, origin-form target without
+  controls or "#", never "//"; HTTP/1.0 or 1.1 (505); GET POST PUT PATCH DELETE HEAD
+  OPTIONS only (405). No header name spelling "transfer-encoding"; Content-Length is
+  digits (repeats identical), over 100 MiB is 413 unread.
+- One selector loop reads every head and body: idle or trickling connections hold no
+  thread. One deadline per request for head and body (``request_timeout``, 60 s: 408).
+  Past ``max_active`` (32) forwarded or ``max_connections`` (1024) open, 503 at once.
+  Buffered request bytes capped (256 MiB). No descriptor, thread or agent error ends it.
+- The whole request is checked before the upstream is contacted; one request per agent
+  connection (``Connection: close``), bytes after the body are never forwarded.
+- Upstream pinned per route, TLS verified (system CAs plus ``ca_pem``), via the egress
+  CONNECT proxy when configured. Hop-by-hop, Host, Cookie, Accept-Encoding and the
+  agent's auth headers dropped; the key set in the route's style; identity asked for.
+  Upstream connections are pooled per route (``pool_max`` 8, ``pool_idle`` 15 s), reused
+  only after an answer read to its exact end with no leak, cut or error, and only while
+  quiet (no EOF, no stray byte); a stale one is retried for idempotent methods only.
+- The key never comes back. Response headers pass from an allowlist; every passed header
+  line and the whole body are scanned for each key: raw (so ``Bearer KEY``), base64 and
+  base64url at all three alignments (so of any text holding it), hex (both cases),
+  percent-encoded (minimal and every byte, both cases), JSON-escaped (plain, ``\\/``,
+  HTML-safe). A hit becomes as many ``*`` (Content-Length holds) and is logged as
+  ``{"event": "leak", "route", "path", "where": "body" | "header:NAME", "form",
+  "count"}``. The scan streams: only a tail that could begin a pattern waits for the next
+  read (SSE events never wait). gzip and deflate are decoded (100 MiB at most, past it
+  the connection is reset and logged with a ``note``) and sent as identity,
+  close-delimited; any other content-encoding is 502, nothing passed.
 - Errors are fixed texts, never exception text. The request log (0600) holds route,
-  method, path without query, status, sizes, time: no headers, keys or tokens.
+  method, path without query, status, sizes, time, ``reused``: no headers, keys, tokens.
 """
 
 from __future__ import annotations
@@ -95,6 +91,8 @@ _TEXT |= {405: "Method not allowed", 413: "Request body too large", 431: "Reques
 _TEXT |= {502: "Upstream connection failed", 503: "Key proxy busy", 504: "Upstream timed out"}
 _TEXT |= {505: "HTTP version not supported"}
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
+LIMITS = {"request_timeout": (0.1, 3600), "pool_max": (0, 64), "pool_idle": (0.1, 300)}
+LIMITS |= {"max_active": (1, 4096), "max_connections": (1, 65536), "upstream_port": (1, 65535)}
 # What a pooled connection the upstream closed while idle fails with, before any answer.
 _STALE = (ConnectionError, http.client.BadStatusLine, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 if TYPE_CHECKING:  # aliases only for checkers: "int | None" fails at runtime on 3.9
@@ -206,12 +204,8 @@ class Leaks:
         # prefilter at C speed; exact finds run only on a hit.
         self.step = max(8, (min(map(len, self.forms)) - 7) // 8 * 8)
         self.short = [p for p in self.forms if len(p) < self.step + 7]
-        self.anchors = {
-            int.from_bytes(p[i : i + 8], sys.byteorder)
-            for p in self.forms
-            if len(p) >= self.step + 7
-            for i in range(self.step)
-        }
+        at = [(p, i) for p in self.forms if len(p) >= self.step + 7 for i in range(self.step)]
+        self.anchors = {int.from_bytes(p[i : i + 8], sys.byteorder) for p, i in at}
         self.firsts: dict[int, list[bytes]] = {}
         for p in self.forms:
             self.firsts.setdefault(p[0], []).append(p)
@@ -259,7 +253,8 @@ class Proxy:
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.token = str(cfg["token"]).encode()
-        self.port, self.via = int(cfg.get("upstream_port") or 443), cfg.get("upstream_proxy")
+        via, self.port = cfg.get("upstream_proxy"), int(cfg.get("upstream_port") or 443)
+        self.via = (str(via["host"]), int(via["port"])) if via else None
         self.timeout = float(cfg.get("request_timeout") or TIMEOUT)
         self.max_active = int(cfg.get("max_active") or ACTIVE_MAX)
         self.max_conns = int(cfg.get("max_connections") or CONNS_MAX)
@@ -298,8 +293,6 @@ class Proxy:
             elif name in (b"x-api-key", own):
                 ok |= hmac.compare_digest(value, self.token)
         return ok
-
-    # ------------------------------------------------------------ the selector loop
 
     def serve(self, listeners: list[tuple[dict[str, Any], socket.socket]]) -> None:
         """Accept and read every connection in one thread; workers only forward."""
@@ -478,8 +471,6 @@ class Proxy:
         for c in done:
             self.drain(c)
 
-    # ------------------------------------------------------------------ the workers
-
     def work(self, c: Conn) -> None:
         """Forward one checked request and stream its answer, scanned for leaks."""
         up, leaks, reset, reuse = None, {}, False, False
@@ -532,29 +523,21 @@ class Proxy:
         idempotent request is then sent once more on a new one, any other gets 502.
         """
         up = self.take(c.route)
-        if up is not None:
+        while True:
+            reused, host, port = up is not None, *(self.via or (c.route["domain"], self.port))
+            if up is None:
+                up = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.ctx)
+                if self.via:  # TLS still checks the certificate against the pinned domain
+                    up.set_tunnel(c.route["domain"], self.port)
             try:
                 self.forward(up, c.route, c.req, body)
-                c.rec["reused"] = True
-                return up, up.sock, up.getresponse()
+                sock, c.rec["reused"] = up.sock, reused  # getresponse may drop up.sock
+                return up, sock, up.getresponse()
             except BaseException as exc:
                 up.close()
-                c.rec["reused"] = False
-                if not isinstance(exc, _STALE) or c.req[0] not in IDEMPOTENT:
+                if not (reused and isinstance(exc, _STALE) and c.req[0] in IDEMPOTENT):
                     raise
-        if self.via:
-            host, port = str(self.via["host"]), int(self.via["port"])
-        else:
-            host, port = c.route["domain"], self.port
-        up = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.ctx)
-        if self.via:  # TLS still checks the certificate against the pinned domain
-            up.set_tunnel(c.route["domain"], self.port)
-        try:
-            self.forward(up, c.route, c.req, body)
-            return up, up.sock, up.getresponse()  # the socket: getresponse may drop it
-        except BaseException:
-            up.close()
-            raise
+                up, c.rec["reused"] = None, False
 
     def take(self, route: dict[str, Any]) -> Any:
         """An idle pooled connection that is still quiet (no EOF, no stray bytes), or None."""
@@ -658,15 +641,12 @@ def allowed_headers(resp: http.client.HTTPResponse, decoding: bool) -> list[tupl
 
 
 def ended(up: Any, resp: http.client.HTTPResponse) -> bool:
-    """True if ``resp`` was read to its exact end and no byte follows it (yet)."""
-    if not resp.isclosed() and resp.length != 0:
-        return False
-    try:  # a byte http.client read ahead or one on the socket, or EOF: not reused
-        if not resp.isclosed():
+    """True if ``resp`` was read to its exact end and no byte (nor EOF) follows it yet."""
+    try:  # a byte http.client read ahead, one on the socket, or EOF: not reusable
+        if not resp.isclosed() and resp.length == 0:
             up.sock.settimeout(0)
             resp.fp.read1(1)
-            return False
-        return True
+        return resp.isclosed()
     except (ssl.SSLWantReadError, BlockingIOError):
         return True
     except OSError:
@@ -711,28 +691,27 @@ def decoded(resp: http.client.HTTPResponse, coding: str, sock: Any) -> Any:
 def ahead(items: Any, depth: int = 8) -> Any:
     """``items`` made by a helper thread up to ``depth`` ahead: TLS reads overlap the scan.
 
-    Each item is passed on as soon as it is made (SSE never waits); the helper's error is
-    raised here. If the consumer stops early the helper ends at its next item (the caller
-    closes the upstream connection, which ends a pending read).
+    Each item passes on at once (SSE never waits); the helper's error is raised here. A
+    consumer that stops early stops the helper (its caller closes the upstream).
     """
     q: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 
-    def offer(pair: tuple[bool, Any]) -> bool:
-        while not stop.is_set():
-            with contextlib.suppress(queue.Full):
-                q.put(pair, timeout=0.2)
-                return True
-        return False
-
     def produce() -> None:
+        pair: tuple[bool, Any] = (True, None)
         try:
-            if not all(offer((False, item)) for item in items):
-                return
+            for item in items:
+                while not stop.is_set():
+                    with contextlib.suppress(queue.Full):
+                        q.put((False, item), timeout=0.2)
+                        break
+                if stop.is_set():
+                    return
         except BaseException as exc:
-            offer((True, exc))
-        else:
-            offer((True, None))
+            pair = (True, exc)
+        while not stop.is_set():  # the end, or the error: never blocks after a stop
+            with contextlib.suppress(queue.Full):
+                return q.put(pair, timeout=0.2)
 
     try:
         threading.Thread(target=produce, daemon=True).start()
@@ -754,12 +733,6 @@ def reply(status: int) -> bytes:
     head = f"HTTP/1.1 {status} {http.client.responses[status]}\r\n{allow}"
     head += "Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
     return f"{head}Content-Length: {len(text)}\r\n\r\n{text}".encode()
-
-
-def number(cfg: dict[str, Any], name: str, low: float, high: float) -> None:
-    value = cfg.get(name)
-    if value is not None and not (type(value) in (int, float) and low <= value <= high):
-        raise ConfigError(f"{name} must be a number from {low} to {high}")
 
 
 def load_config(line: str) -> dict[str, Any]:
@@ -784,9 +757,7 @@ def load_config(line: str) -> dict[str, Any]:
             raise ConfigError(f"route {name}: domain must be a lowercase host name, not an IP")
         if not re.fullmatch(r"[\x21-\x7e]{8,8192}", key):
             raise ConfigError(f"route {name}: key must be 8 to 8192 visible ASCII characters")
-        if unix is not None and not (
-            isinstance(unix, str) and re.fullmatch(r"/[^\0]{1,106}", unix)
-        ):
+        if unix is not None and not re.fullmatch(r"/[^\0]{1,106}", str(unix)):
             raise ConfigError(f"route {name}: unix must be an absolute path under 108 bytes")
         try:
             header = auth_header(str(r.get("auth_style")))
@@ -798,13 +769,10 @@ def load_config(line: str) -> dict[str, Any]:
     via = cfg.get("upstream_proxy")
     if via is not None and not (isinstance(via, dict) and via.get("host") and via.get("port")):
         raise ConfigError("upstream_proxy must be null or {host, port}")
-    number(cfg, "request_timeout", 0.1, 3600)
-    number(cfg, "pool_max", 0, 64)
-    number(cfg, "pool_idle", 0.1, 300)
-    for name, high in (("max_active", 4096), ("max_connections", 65536), ("upstream_port", 65535)):
-        number(cfg, name, 1, high)
-    if via is not None:
-        number(via, "port", 1, 65535)
+    for obj, name in [(cfg, n) for n in LIMITS] + ([(via, "port")] if via else []):
+        value, (low, high) = obj.get(name), LIMITS.get(name, (1, 65535))
+        if value is not None and not (type(value) in (int, float) and low <= value <= high):
+            raise ConfigError(f"{name} must be a number from {low} to {high}")
     return cfg
 
 
