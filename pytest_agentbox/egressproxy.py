@@ -15,7 +15,8 @@ line on stdin and print one JSON ready line. Security properties of ``serve``:
 - Strict heads: CRLF only, no controls, 16 KiB, 30 s. Plain HTTP: Host from the URL,
   hop-by-hop headers dropped, no bodies, no pipelining. One thread per connection, at
   most ``max_conns`` per listener, past it 503 at once; no connection's error ends the
-  process. Tunnels idle out after 300 s. Limit: TLS SNI inside a tunnel is not seen.
+  process. Tunnels idle out after 300 s; their bytes move by splice (recv/send where
+  refused). Limit: TLS SNI inside a tunnel is not seen.
 Config: {"listeners": [{"name", "unix": path, "mode"} or {"name", "tcp": [host, port]},
 with "allow", "deny", "max_conns"?], "ports", "pins", "private_ok", "refuse_nets",
 "log_path", "log_max_bytes", "max_conns"}. Ready: {"ready": true, "tcp_ports": {name: port}}.
@@ -497,29 +498,22 @@ def main(argv: list[str]) -> int:
         cfg = json.loads(sys.stdin.readline())
         if mode == "serve":
             return serve(cfg)
-        else:  # one 127.0.0.1 port per route, each relayed to its Unix socket
-            routes = [(str(r["name"]), str(r["unix"])) for r in cfg["routes"]]
-            pairs = [(listen([cfg.get("host", "127.0.0.1"), 0]), path) for _, path in routes]
-            ports = {
-                name: sock.getsockname()[1]
-                for (name, _), (sock, _) in zip(routes, pairs, strict=True)
-            }
-            ready = {"ready": True, "ports": ports}
-            for sock, path in pairs[1:]:
-                handler = functools.partial(forward_one, path)
-                threading.Thread(target=accept_loop, args=(sock, handler), daemon=True).start()
-            listeners, handler = [pairs[0][0]], functools.partial(forward_one, pairs[0][1])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # forward: one 127.0.0.1 port per route, each relayed to its Unix socket
+        routes = [(str(r["name"]), str(r["unix"])) for r in cfg["routes"]]
+        socks = [(listen([cfg.get("host", "127.0.0.1"), 0]), path) for _, path in routes]
+        ports = {routes[i][0]: sock.getsockname()[1] for i, (sock, _) in enumerate(socks)}
+        first = socks[0]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         print(json.dumps({"ready": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
         return 1
-    print(json.dumps(ready), flush=True)
-    if mode == "forward":  # the launcher may detach: never write to a closed pipe
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-    for extra in listeners[1:]:
-        threading.Thread(target=accept_loop, args=(extra, handler), daemon=True).start()
-    accept_loop(listeners[0], handler)
+    print(json.dumps({"ready": True, "ports": ports}), flush=True)
+    null = os.open(os.devnull, os.O_RDWR)  # the launcher may detach: never write to a closed pipe
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    for sock, path in socks[1:]:
+        handler = functools.partial(forward_one, path)
+        threading.Thread(target=accept_loop, args=(sock, handler), daemon=True).start()
+    accept_loop(first[0], functools.partial(forward_one, first[1]))
     return 0
 
 
