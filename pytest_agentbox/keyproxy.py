@@ -97,7 +97,6 @@ LIMITS |= {"max_active": (1, 4096), "max_connections": (1, 65536), "upstream_por
 _STALE = (ConnectionError, http.client.BadStatusLine, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 if TYPE_CHECKING:  # aliases only for checkers: "int | None" fails at runtime on 3.9
     Headers = list[tuple[bytes, bytes]]
-    Request = tuple[str, str, Headers, int | None, bytes]
 
 
 class Refused(Exception):
@@ -258,7 +257,7 @@ class Proxy:
         self.timeout = float(cfg.get("request_timeout") or TIMEOUT)
         self.max_active = int(cfg.get("max_active") or ACTIVE_MAX)
         self.max_conns = int(cfg.get("max_connections") or CONNS_MAX)
-        self.pool_max = int(cfg.get("pool_max", POOL_MAX))
+        self.pool_max = POOL_MAX if cfg.get("pool_max") is None else int(cfg["pool_max"])
         self.pool_idle = float(cfg.get("pool_idle") or POOL_IDLE)
         self.pool: dict[str, list[tuple[float, Any]]] = {}
         self.leaks = Leaks([str(r["key"]).encode() for r in cfg["routes"]])
