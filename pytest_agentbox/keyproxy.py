@@ -112,10 +112,7 @@ class ConfigError(ValueError):
 
 
 def auth_header(style: str) -> str:
-    """The header a route's key goes in: ``bearer``, ``x-api-key`` or ``header:<Name>``.
-
-    The one rule for auth styles, shared by the host's manifest check and this proxy.
-    """
+    """The header of a ``bearer``, ``x-api-key`` or ``header:<Name>`` key (host shares it)."""
     if style in ("bearer", "x-api-key"):
         return "Authorization" if style == "bearer" else "x-api-key"
     if not style.startswith("header:"):
@@ -297,12 +294,10 @@ class Proxy:
         """Accept and read every connection in one thread; workers only forward."""
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
-        for sock in (self.wake_r, self.wake_w):
+        self.wake_w.setblocking(False)
+        for sock, data in [(self.wake_r, None), *((s, r) for r, s in listeners)]:
             sock.setblocking(False)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
-        for route, sock in listeners:
-            sock.setblocking(False)
-            self.sel.register(sock, selectors.EVENT_READ, route)
+            self.sel.register(sock, selectors.EVENT_READ, data)
         paused, sweep = 0.0, 0.0
         while True:
             try:
@@ -324,10 +319,7 @@ class Proxy:
                     sweep = now + 0.1
                     self.prune(now)
                     for c in [c for c in self.conns if c.deadline <= now]:
-                        if c.state == "drain":
-                            self.close(c)
-                        else:
-                            self.refuse(c, 408)
+                        self.close(c) if c.state == "drain" else self.refuse(c, 408)
             except Exception:
                 time.sleep(0.01)
 
@@ -398,9 +390,7 @@ class Proxy:
             length = body_length(headers)
             if not self.authorized(c.route, headers):
                 raise Refused(403)
-            expect = any(
-                n.lower() == b"expect" and v.lower() == b"100-continue" for n, v in headers
-            )
+            expect = (b"expect", b"100-continue") in [(n.lower(), v.lower()) for n, v in headers]
             if expect and length and version == b"HTTP/1.1" and len(rest) < length:
                 with contextlib.suppress(OSError):
                     c.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -516,11 +506,8 @@ class Proxy:
                     self.wake_w.send(b"\0")
 
     def exchange(self, c: Conn, body: bytes) -> tuple[Any, Any, http.client.HTTPResponse]:
-        """Send on an idle pooled connection, else a new one; the upstream's answer.
-
-        A pooled connection the upstream closed meanwhile fails before any answer: an
-        idempotent request is then sent once more on a new one, any other gets 502.
-        """
+        """Send on a quiet pooled connection, else a new one; if a pooled one turns out
+        closed, only an idempotent request is sent again (on a new one): else 502."""
         up = self.take(c.route)
         while True:
             reused, host, port = up is not None, *(self.via or (c.route["domain"], self.port))
@@ -689,10 +676,7 @@ def decoded(resp: http.client.HTTPResponse, coding: str, sock: Any) -> Any:
 
 def ahead(items: Any, depth: int = 8) -> Any:
     """``items`` made by a helper thread up to ``depth`` ahead: TLS reads overlap the scan.
-
-    Each item passes on at once (SSE never waits); the helper's error is raised here. A
-    consumer that stops early stops the helper (its caller closes the upstream).
-    """
+    Each passes on at once (SSE never waits); the helper's error is raised here."""
     q: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 

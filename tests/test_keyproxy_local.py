@@ -996,8 +996,8 @@ def test_keyproxy_runs_on_python39(
 
 def test_keyproxy_stays_short_enough_to_audit() -> None:
     source = Path(KEYPROXY).read_text()
-    # 835 with the upstream pool and the read-ahead thread; issue 11 aims at 600.
-    assert len(source.splitlines()) <= 840
+    # 818 with the upstream pool and the read-ahead thread; issue 11 aims at 600.
+    assert len(source.splitlines()) <= 820
     assert re.search(r"Security properties:", source)
 
 
