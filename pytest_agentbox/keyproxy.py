@@ -22,7 +22,7 @@ Security properties:
 - Upstream pinned per route, TLS verified (system CAs plus ``ca_pem``), via the egress
   CONNECT proxy when configured. Hop-by-hop, Host, Cookie, Accept-Encoding and the
   agent's auth headers dropped; the key set in the route's style; identity asked for.
-  Upstream connections are pooled per route (``pool_max`` 8, ``pool_idle`` 15 s), reused
+  Upstream connections are pooled (``pool_max`` 8 a route, 16 in all, ``pool_idle`` 15 s), reused
   only after an answer read to its exact end with no leak, cut or error, and only while
   quiet (no EOF, no stray byte); a stale one is retried for idempotent methods only.
 - The key never comes back. Response headers pass from an allowlist; every passed header
@@ -66,7 +66,8 @@ from urllib.parse import quote
 HEAD_MAX, BODY_MAX, BUF, DECODED_MAX = 64 * 1024, 100 * 1024 * 1024, 64 * 1024, 100 * 1024**2
 TIMEOUT, ACTIVE_MAX, CONNS_MAX, BUFFERED_MAX, LINGER = 60.0, 32, 1024, 256 * 1024**2, 2.0
 METHODS = frozenset(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
-IDEMPOTENT, POOL_MAX, POOL_IDLE = METHODS - {"POST", "PATCH"}, 8, 15.0
+# Idle pooled connections hold tunnels of the egress "keys" listener (64): 32 + 16 fit.
+IDEMPOTENT, POOL_MAX, POOL_IDLE, POOL_TOTAL = METHODS - {"POST", "PATCH"}, 8, 15.0, 16
 # Headers this proxy sets or drops itself: a key must never be put in one of them.
 MANAGED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 MANAGED_HEADERS |= {"te", "trailer", "upgrade", "expect", "accept-encoding"}
@@ -543,7 +544,8 @@ class Proxy:
         """Pool ``up`` for the next request of its route, or close it."""
         with self.lock:
             idle = self.pool.setdefault(route["name"], [])
-            if reuse and up.sock is not None and len(idle) < self.pool_max:
+            total = sum(map(len, self.pool.values()))
+            if reuse and up.sock is not None and len(idle) < self.pool_max and total < POOL_TOTAL:
                 return idle.append((time.monotonic(), up))
         up.close()
 
