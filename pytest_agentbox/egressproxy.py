@@ -15,7 +15,8 @@ line on stdin and print one JSON ready line. Security properties of ``serve``:
 - Strict heads: CRLF only, no controls, 16 KiB, 30 s. Plain HTTP: Host from the URL,
   hop-by-hop headers dropped, no bodies, no pipelining. One thread per connection, at
   most ``max_conns`` per listener, past it 503 at once; no connection's error ends the
-  process. Tunnels idle out after 300 s. Limit: TLS SNI inside a tunnel is not seen.
+  process. Tunnels idle out after 300 s; their bytes move by splice (recv/send where
+  refused). Limit: TLS SNI inside a tunnel is not seen.
 Config: {"listeners": [{"name", "unix": path, "mode"} or {"name", "tcp": [host, port]},
 with "allow", "deny", "max_conns"?], "ports", "pins", "private_ok", "refuse_nets",
 "log_path", "log_max_bytes", "max_conns"}. Ready: {"ready": true, "tcp_ports": {name: port}}.
@@ -24,6 +25,8 @@ with "allow", "deny", "max_conns"?], "ports", "pins", "private_ok", "refuse_nets
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import ipaddress
 import itertools
@@ -40,6 +43,8 @@ from typing import Any
 
 HEAD_MAX, HEAD_TIMEOUT, TUNNEL_IDLE, POLL = 16 * 1024, 30.0, 300.0, 60.0
 BUF, CONNECT_TIMEOUT, SLOTS = 64 * 1024, 10.0, threading.BoundedSemaphore(256)
+PIPE_SIZE, _SPLICE_FLAGS = 1024 * 1024, getattr(os, "SPLICE_F_MOVE", 1) | 2  # 2: NONBLOCK
+_NO_SPLICE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM}  # splice refused
 LOG_MAX, _IDS = 8 * 1024 * 1024, itertools.count(1)
 # Cloud metadata/credential endpoints (AWS, ECS, EKS, GCP, Azure incl. its public
 # WireServer, Alibaba, Oracle, Tencent): named apart so a refusal says what was at stake.
@@ -265,43 +270,73 @@ def pump(src: socket.socket, dst: socket.socket, counter: list, idx: int) -> Non
         counter[idx] += len(data)
 
 
-def relay(a: socket.socket, b: socket.socket, counter: list) -> None:
+def relay(a: socket.socket, b: socket.socket, counter: list, splice: bool = True) -> None:
     """Relay both ways (a->b counted at 0, b->a at 1) in this one thread, then close both.
 
     One thread, not two: threads are pids, and the sidecar's are capped. Non-blocking,
     each direction holding at most one read (sent before the next read), so neither waits
-    on the other; EOF is passed on (half-close) once.
+    on the other; EOF is passed on (half-close) once. With ``splice`` the bytes move
+    through a pipe in the kernel; where splice is refused (gVisor, Python < 3.10) plain
+    recv/send take over, without losing a byte.
     """
-    dirs, seen = [[a, b, b"", False, 0], [b, a, b"", False, 1]], time.monotonic()
+    dirs = [[a, b, b"", False, 0, None], [b, a, b"", False, 1, None]]
+    poller, seen = select.poll(), time.monotonic()
     try:
         a.setblocking(False)
         b.setblocking(False)
+        for d in dirs if splice and hasattr(os, "splice") else ():
+            d[2], d[5] = 0, os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # pending: bytes in pipe
+            with contextlib.suppress(OSError, AttributeError):
+                fcntl.fcntl(d[5][1], fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         while not (dirs[0][3] and dirs[1][3]):  # EOF only ever comes with nothing pending
-            poller, want = select.poll(), {}
-            for src, dst, pending, eof, _ in dirs:  # a send waits for dst, a recv for src
-                fd, bit = (dst.fileno(), select.POLLOUT) if pending else (src.fileno(), 0)
-                want[fd] = want.get(fd, 0) | (bit or (0 if eof else select.POLLIN))
+            want = {a.fileno(): 0, b.fileno(): 0}
+            for src, dst, pending, eof, _, _ in dirs:  # a send waits for dst, a recv for src
+                if pending or not eof:
+                    fd = dst.fileno() if pending else src.fileno()
+                    want[fd] |= select.POLLOUT if pending else select.POLLIN
             for fd, bits in want.items():
                 poller.register(fd, bits)  # bits 0: only hang-up/error, which end it anyway
             if not poller.poll(POLL * 1000) and time.monotonic() - seen > TUNNEL_IDLE:
                 return
             seen = time.monotonic()
             for d in dirs:  # just try both: a socket not ready says BlockingIOError
-                src, dst, pending, eof, idx = d
                 with contextlib.suppress(BlockingIOError):
-                    if pending:
-                        n = dst.send(pending)
-                        d[2], counter[idx] = pending[n:], counter[idx] + n
-                    elif not eof:
-                        d[2] = src.recv(BUF)
-                        if not d[2]:
-                            d[3] = True
-                            dst.shutdown(socket.SHUT_WR)
+                    move(d, counter)
     except OSError:
         pass  # reset, broken pipe: the tunnel is over either way
     finally:
         a.close()
         b.close()
+        for fd in (fd for d in dirs for fd in d[5] or ()):
+            os.close(fd)
+
+
+def move(d: list, counter: list) -> None:
+    """For direction ``d`` of ``relay``: read if nothing is pending, then send what is."""
+    src, dst, _, eof, idx, pipe = d
+    try:
+        if not d[2] and not eof:
+            fd = src.fileno()
+            d[2] = os.splice(fd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS) if pipe else src.recv(BUF)
+            if not d[2]:
+                d[3] = True
+                return dst.shutdown(socket.SHUT_WR)
+        if d[2]:  # at once: a second poll per read would double the wake-ups
+            n = (
+                os.splice(pipe[0], dst.fileno(), d[2], flags=_SPLICE_FLAGS)
+                if pipe
+                else dst.send(d[2])
+            )
+            d[2], counter[idx] = d[2] - n if pipe else d[2][n:], counter[idx] + n
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        if pipe is None or exc.errno not in _NO_SPLICE:
+            raise
+        d[2], d[5] = os.read(pipe[0], d[2]) if d[2] else b"", None  # the pipe's bytes
+        for fd in pipe:
+            os.close(fd)
+    return None
 
 
 def serve_one(cfg: dict, log: Log, lsn: dict, conn: socket.socket) -> None:
@@ -463,29 +498,22 @@ def main(argv: list[str]) -> int:
         cfg = json.loads(sys.stdin.readline())
         if mode == "serve":
             return serve(cfg)
-        else:  # one 127.0.0.1 port per route, each relayed to its Unix socket
-            routes = [(str(r["name"]), str(r["unix"])) for r in cfg["routes"]]
-            pairs = [(listen([cfg.get("host", "127.0.0.1"), 0]), path) for _, path in routes]
-            ports = {
-                name: sock.getsockname()[1]
-                for (name, _), (sock, _) in zip(routes, pairs, strict=True)
-            }
-            ready = {"ready": True, "ports": ports}
-            for sock, path in pairs[1:]:
-                handler = functools.partial(forward_one, path)
-                threading.Thread(target=accept_loop, args=(sock, handler), daemon=True).start()
-            listeners, handler = [pairs[0][0]], functools.partial(forward_one, pairs[0][1])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # forward: one 127.0.0.1 port per route, each relayed to its Unix socket
+        routes = [(str(r["name"]), str(r["unix"])) for r in cfg["routes"]]
+        socks = [(listen([cfg.get("host", "127.0.0.1"), 0]), path) for _, path in routes]
+        ports = {routes[i][0]: sock.getsockname()[1] for i, (sock, _) in enumerate(socks)}
+        first = socks[0]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         print(json.dumps({"ready": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
         return 1
-    print(json.dumps(ready), flush=True)
-    if mode == "forward":  # the launcher may detach: never write to a closed pipe
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-    for extra in listeners[1:]:
-        threading.Thread(target=accept_loop, args=(extra, handler), daemon=True).start()
-    accept_loop(listeners[0], handler)
+    print(json.dumps({"ready": True, "ports": ports}), flush=True)
+    null = os.open(os.devnull, os.O_RDWR)  # the launcher may detach: never write to a closed pipe
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    for sock, path in socks[1:]:
+        handler = functools.partial(forward_one, path)
+        threading.Thread(target=accept_loop, args=(sock, handler), daemon=True).start()
+    accept_loop(first[0], functools.partial(forward_one, first[1]))
     return 0
 
 

@@ -1,46 +1,42 @@
 """Key proxy of an agentbox sandbox: stdlib only, Python 3.9+, one file, run as root.
 
-One JSON config line on stdin is the only way real keys arrive (never argv, env or
-disk). Each route listens on a 127.0.0.1 port, or on a Unix socket (``"unix": PATH``,
-created 0600 under a umask: never reachable by others). It prints
-``{"ready": true, "ports": {name: port}, "sockets": {name: path}}`` (or ``{"ready":
-false, "error": TEXT}``, TEXT naming the field, never a value) and serves: the agent
-holds a session token, the proxy swaps it for the real key. With ``"owner_stdin": true``
-it keeps reading stdin and exits at end-of-file: the owner's death ends the keys.
+Keys arrive only in the JSON config line on stdin (never argv, env or disk). Each route
+listens on 127.0.0.1 or a 0600 Unix socket (``"unix": PATH``, bound under a umask),
+prints ``{"ready": true, "ports": {name: port}, "sockets": {name: path}}`` (or ``{"ready":
+false, "error": TEXT}``, naming a field, never a value) and swaps the agent's session
+token for the real key. ``"owner_stdin": true``: exit when stdin ends (the owner died).
 Security properties:
 - Token required (``Authorization: Bearer``, ``x-api-key`` or the route's header),
-  compared in constant time; else 403. Nothing the agent sent is ever echoed.
-- The head is checked as raw bytes (no lenient parser), 64 KiB at most (431): CRLF
-  line ends only; no bare CR/LF, NUL or other controls (HTAB only in values); no
-  obs-fold; token header names; origin-form target without spaces, controls or "#",
-  never "//"; HTTP/1.0 or 1.1 only (505). Methods GET POST PUT PATCH DELETE HEAD OPTIONS
-  only (405). Any header name spelling "transfer-encoding" is refused; Content-Length
-  is digits (repeats identical); over 100 MiB is 413 unread.
-- Availability: one selector loop reads every head and body, so idle or trickling
-  connections hold no thread and no slot. One deadline per request for head and body
-  (``request_timeout``, 60 s: 408). At most ``max_active`` (32) requests are forwarded
-  at once and ``max_connections`` (1024) are open; beyond either, 503 at once. Buffered
-  request bytes are capped (256 MiB). No descriptor, thread or agent error ends the loop.
-- The whole request is read and checked before the upstream is contacted; one request
-  per connection (``Connection: close``), bytes after the body are never forwarded.
-- Upstream pinned per route, TLS verified (system CAs plus ``ca_pem``), through the
-  egress CONNECT proxy when configured. Hop-by-hop, Host, Cookie, Accept-Encoding and the
-  agent's auth headers are dropped; the real key is set in the route's style; the
-  upstream is asked for ``Accept-Encoding: identity``.
-- The key never comes back. Response headers pass only from an allowlist, and every
-  passed header line and the whole body are scanned for each real key of this proxy:
-  raw (so also ``Bearer KEY``), base64 and base64url at all three byte alignments (so
-  the base64 of any text holding the key, ``Bearer KEY`` and ``user:KEY`` included),
-  hex (lower, upper), percent-encoded (minimal and every byte, both cases) and
-  JSON-escaped (plain, ``\\/``, HTML-safe). A hit is replaced by as many ``*`` (so
-  Content-Length stays right) and logged as ``{"event": "leak", "route", "path",
-  "where": "body" | "header:NAME", "form", "count"}``. The scan is linear and streams:
-  only a tail that could begin a pattern waits for the next read (SSE events end in
-  newlines and never wait). gzip and deflate bodies are decoded (at most 100 MiB, past
-  it the connection is reset and the request logged with a ``note``) and sent as
-  identity, close-delimited; any other content-encoding is 502, nothing passed.
+  constant-time compare, else 403. Nothing the agent sent is ever echoed.
+- Heads checked as raw bytes, 64 KiB at most (431): CRLF only, no bare CR/LF, NUL or
+  other controls (HTAB in values), no obs-fold, token names, origin-form target without
+  controls or "#", never "//"; HTTP/1.0 or 1.1 (505); GET POST PUT PATCH DELETE HEAD
+  OPTIONS only (405). No header name spelling "transfer-encoding"; Content-Length is
+  digits (repeats identical), over 100 MiB is 413 unread.
+- One selector loop reads every head and body: idle or trickling connections hold no
+  thread. One deadline per request for head and body (``request_timeout``, 60 s: 408).
+  Past ``max_active`` (32) forwarded or ``max_connections`` (1024) open, 503 at once.
+  Buffered request bytes capped (256 MiB). No descriptor, thread or agent error ends it.
+- The whole request is checked before the upstream is contacted; one request per agent
+  connection (``Connection: close``), bytes after the body are never forwarded.
+- Upstream pinned per route, TLS verified (system CAs plus ``ca_pem``), via the egress
+  CONNECT proxy when configured. Hop-by-hop, Host, Cookie, Accept-Encoding and the
+  agent's auth headers dropped; the key set in the route's style; identity asked for.
+  Upstream connections are pooled (``pool_max`` 8 a route, 16 in all, ``pool_idle`` 15 s), reused
+  only after an answer read to its exact end with no leak, cut or error, and only while
+  quiet (no EOF, no stray byte); a stale one is retried for idempotent methods only.
+- The key never comes back. Response headers pass from an allowlist; every passed header
+  line and the whole body are scanned for each key: raw (so ``Bearer KEY``), base64 and
+  base64url at all three alignments (so of any text holding it), hex (both cases),
+  percent-encoded (minimal and every byte, both cases), JSON-escaped (plain, ``\\/``,
+  HTML-safe). A hit becomes as many ``*`` (Content-Length holds) and is logged as
+  ``{"event": "leak", "route", "path", "where": "body" | "header:NAME", "form",
+  "count"}``. The scan streams: only a tail that could begin a pattern waits for the next
+  read (SSE events never wait). gzip and deflate are decoded (100 MiB at most, past it
+  the connection is reset and logged with a ``note``) and sent as identity,
+  close-delimited; any other content-encoding is 502, nothing passed.
 - Errors are fixed texts, never exception text. The request log (0600) holds route,
-  method, path without query, status, sizes, time: no headers, keys or tokens.
+  method, path without query, status, sizes, time, ``reused``: no headers, keys, tokens.
 """
 
 from __future__ import annotations
@@ -51,8 +47,10 @@ import hmac
 import http.client
 import json
 import os
+import queue
 import re
 import resource
+import select
 import selectors
 import socket
 import ssl
@@ -68,6 +66,8 @@ from urllib.parse import quote
 HEAD_MAX, BODY_MAX, BUF, DECODED_MAX = 64 * 1024, 100 * 1024 * 1024, 64 * 1024, 100 * 1024**2
 TIMEOUT, ACTIVE_MAX, CONNS_MAX, BUFFERED_MAX, LINGER = 60.0, 32, 1024, 256 * 1024**2, 2.0
 METHODS = frozenset(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+# Idle pooled connections hold tunnels of the egress "keys" listener (64): 32 + 16 fit.
+IDEMPOTENT, POOL_MAX, POOL_IDLE, POOL_TOTAL = METHODS - {"POST", "PATCH"}, 8, 15.0, 16
 # Headers this proxy sets or drops itself: a key must never be put in one of them.
 MANAGED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 MANAGED_HEADERS |= {"te", "trailer", "upgrade", "expect", "accept-encoding"}
@@ -92,9 +92,12 @@ _TEXT |= {405: "Method not allowed", 413: "Request body too large", 431: "Reques
 _TEXT |= {502: "Upstream connection failed", 503: "Key proxy busy", 504: "Upstream timed out"}
 _TEXT |= {505: "HTTP version not supported"}
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
+LIMITS = {"request_timeout": (0.1, 3600), "pool_max": (0, 64), "pool_idle": (0.1, 300)}
+LIMITS |= {"max_active": (1, 4096), "max_connections": (1, 65536), "upstream_port": (1, 65535)}
+# What a pooled connection the upstream closed while idle fails with, before any answer.
+_STALE = (ConnectionError, http.client.BadStatusLine, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 if TYPE_CHECKING:  # aliases only for checkers: "int | None" fails at runtime on 3.9
     Headers = list[tuple[bytes, bytes]]
-    Request = tuple[str, str, Headers, int | None, bytes]
 
 
 class Refused(Exception):
@@ -110,10 +113,7 @@ class ConfigError(ValueError):
 
 
 def auth_header(style: str) -> str:
-    """The header a route's key goes in: ``bearer``, ``x-api-key`` or ``header:<Name>``.
-
-    The one rule for auth styles, shared by the host's manifest check and this proxy.
-    """
+    """The header of a ``bearer``, ``x-api-key`` or ``header:<Name>`` key (host shares it)."""
     if style in ("bearer", "x-api-key"):
         return "Authorization" if style == "bearer" else "x-api-key"
     if not style.startswith("header:"):
@@ -201,12 +201,8 @@ class Leaks:
         # prefilter at C speed; exact finds run only on a hit.
         self.step = max(8, (min(map(len, self.forms)) - 7) // 8 * 8)
         self.short = [p for p in self.forms if len(p) < self.step + 7]
-        self.anchors = {
-            int.from_bytes(p[i : i + 8], sys.byteorder)
-            for p in self.forms
-            if len(p) >= self.step + 7
-            for i in range(self.step)
-        }
+        at = [(p, i) for p in self.forms if len(p) >= self.step + 7 for i in range(self.step)]
+        self.anchors = {int.from_bytes(p[i : i + 8], sys.byteorder) for p, i in at}
         self.firsts: dict[int, list[bytes]] = {}
         for p in self.forms:
             self.firsts.setdefault(p[0], []).append(p)
@@ -246,7 +242,7 @@ class Conn:
         self.buf, self.held, self.need, self.req = bytearray(), 0, 0, None
         self.start = time.monotonic()
         self.rec: dict[str, Any] = {"route": route["name"], "method": "", "path": ""}
-        self.rec.update(status=0, bytes_in=0, bytes_out=0)
+        self.rec.update(status=0, bytes_in=0, bytes_out=0, reused=False)
 
 
 class Proxy:
@@ -254,10 +250,14 @@ class Proxy:
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.token = str(cfg["token"]).encode()
-        self.port, self.via = int(cfg.get("upstream_port") or 443), cfg.get("upstream_proxy")
+        via, self.port = cfg.get("upstream_proxy"), int(cfg.get("upstream_port") or 443)
+        self.via = (str(via["host"]), int(via["port"])) if via else None
         self.timeout = float(cfg.get("request_timeout") or TIMEOUT)
         self.max_active = int(cfg.get("max_active") or ACTIVE_MAX)
         self.max_conns = int(cfg.get("max_connections") or CONNS_MAX)
+        self.pool_max = POOL_MAX if cfg.get("pool_max") is None else int(cfg["pool_max"])
+        self.pool_idle = float(cfg.get("pool_idle") or POOL_IDLE)
+        self.pool: dict[str, list[tuple[float, Any]]] = {}
         self.leaks = Leaks([str(r["key"]).encode() for r in cfg["routes"]])
         self.ctx = ssl.create_default_context()  # system CAs, hostname check, CERT_REQUIRED
         self.ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -291,18 +291,14 @@ class Proxy:
                 ok |= hmac.compare_digest(value, self.token)
         return ok
 
-    # ------------------------------------------------------------ the selector loop
-
     def serve(self, listeners: list[tuple[dict[str, Any], socket.socket]]) -> None:
         """Accept and read every connection in one thread; workers only forward."""
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
-        for sock in (self.wake_r, self.wake_w):
+        self.wake_w.setblocking(False)
+        for sock, data in [(self.wake_r, None), *((s, r) for r, s in listeners)]:
             sock.setblocking(False)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
-        for route, sock in listeners:
-            sock.setblocking(False)
-            self.sel.register(sock, selectors.EVENT_READ, route)
+            self.sel.register(sock, selectors.EVENT_READ, data)
         paused, sweep = 0.0, 0.0
         while True:
             try:
@@ -322,11 +318,9 @@ class Proxy:
                         self.sel.register(sock, selectors.EVENT_READ, route)
                 if now >= sweep:
                     sweep = now + 0.1
+                    self.prune(now)
                     for c in [c for c in self.conns if c.deadline <= now]:
-                        if c.state == "drain":
-                            self.close(c)
-                        else:
-                            self.refuse(c, 408)
+                        self.close(c) if c.state == "drain" else self.refuse(c, 408)
             except Exception:
                 time.sleep(0.01)
 
@@ -397,9 +391,7 @@ class Proxy:
             length = body_length(headers)
             if not self.authorized(c.route, headers):
                 raise Refused(403)
-            expect = any(
-                n.lower() == b"expect" and v.lower() == b"100-continue" for n, v in headers
-            )
+            expect = (b"expect", b"100-continue") in [(n.lower(), v.lower()) for n, v in headers]
             if expect and length and version == b"HTTP/1.1" and len(rest) < length:
                 with contextlib.suppress(OSError):
                     c.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -469,16 +461,13 @@ class Proxy:
         for c in done:
             self.drain(c)
 
-    # ------------------------------------------------------------------ the workers
-
     def work(self, c: Conn) -> None:
         """Forward one checked request and stream its answer, scanned for leaks."""
-        upstream, leaks, reset = None, {}, False
+        up, leaks, reset, reuse = None, {}, False, False
         try:
             c.sock.settimeout(self.timeout)
             try:  # failures before any answer become fixed texts, never exception text
-                upstream = self.forward(c.route, c.req, bytes(c.buf))
-                resp = upstream.getresponse()
+                up, sock, resp = self.exchange(c, bytes(c.buf))
             except socket.timeout:  # noqa: UP041 -- not TimeoutError on Python 3.9
                 raise Refused(504) from None
             except Exception:
@@ -487,7 +476,9 @@ class Proxy:
                 c.buf = bytearray()
                 self.account(c)
             c.rec["status"] = resp.status
-            self.relay(c, resp, leaks)
+            self.relay(c, resp, leaks, sock)
+            # Only an answer read to its exact end, clean, may leave its connection open.
+            reuse = not leaks and not resp.will_close and ended(up, resp)
         except Refused as exc:
             c.rec["status"] = status = exc.args[0]
             with contextlib.suppress(OSError):
@@ -498,8 +489,8 @@ class Proxy:
         except Exception:  # noqa: S110 -- agent or upstream gone mid-answer: just close
             pass
         finally:
-            if upstream is not None:
-                upstream.close()
+            if up is not None:
+                self.give_back(c.route, up, reuse)
             with self.lock:
                 self.active -= 1
             self.log_request(c)
@@ -515,37 +506,75 @@ class Proxy:
                 with contextlib.suppress(OSError):
                     self.wake_w.send(b"\0")
 
-    def forward(self, route: dict[str, Any], req: Any, body: bytes) -> http.client.HTTPSConnection:
-        """Open the pinned upstream (tunnelled when configured) and send the request."""
+    def exchange(self, c: Conn, body: bytes) -> tuple[Any, Any, http.client.HTTPResponse]:
+        """Send on a quiet pooled connection, else a new one; if a pooled one turns out
+        closed, only an idempotent request is sent again (on a new one): else 502."""
+        up = self.take(c.route)
+        while True:
+            reused, host, port = up is not None, *(self.via or (c.route["domain"], self.port))
+            if up is None:
+                up = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.ctx)
+                if self.via:  # TLS still checks the certificate against the pinned domain
+                    up.set_tunnel(c.route["domain"], self.port)
+            try:
+                self.forward(up, c.route, c.req, body)
+                sock, c.rec["reused"] = up.sock, reused  # getresponse may drop up.sock
+                return up, sock, up.getresponse()
+            except BaseException as exc:
+                up.close()
+                if not (reused and isinstance(exc, _STALE) and c.req[0] in IDEMPOTENT):
+                    raise
+                up, c.rec["reused"] = None, False
+
+    def take(self, route: dict[str, Any]) -> Any:
+        """An idle pooled connection that is still quiet (no EOF, no stray bytes), or None."""
+        with self.lock:
+            idle = self.pool.setdefault(route["name"], [])
+            while idle:
+                since, up = idle.pop()
+                poll = select.poll()
+                poll.register(up.sock, select.POLLIN)
+                quiet = not up.sock.pending() and not poll.poll(0)
+                if quiet and time.monotonic() - since < self.pool_idle:
+                    return up
+                up.close()
+        return None
+
+    def give_back(self, route: dict[str, Any], up: Any, reuse: bool) -> None:
+        """Pool ``up`` for the next request of its route, or close it."""
+        with self.lock:
+            idle = self.pool.setdefault(route["name"], [])
+            total = sum(map(len, self.pool.values()))
+            if reuse and up.sock is not None and len(idle) < self.pool_max and total < POOL_TOTAL:
+                return idle.append((time.monotonic(), up))
+        up.close()
+
+    def prune(self, now: float) -> None:
+        """Close the pooled connections idle for ``pool_idle`` seconds."""
+        with self.lock:
+            for idle in self.pool.values():
+                while idle and now - idle[0][0] >= self.pool_idle:
+                    idle.pop(0)[1].close()
+
+    def forward(self, up: Any, route: dict[str, Any], req: Any, body: bytes) -> None:
+        """Send the checked request on ``up`` with the route's key in place of the token."""
         method, target, headers, length = req
-        if self.via:
-            host, port = str(self.via["host"]), int(self.via["port"])
-        else:
-            host, port = route["domain"], self.port
-        up = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.ctx)
-        if self.via:  # TLS still checks the certificate against the pinned domain
-            up.set_tunnel(route["domain"], self.port)
         named = [v for n, v in headers if n.lower() == b"connection"]
         drop = {t.strip().lower() for v in named for t in v.split(b",")}
         drop |= _DROP | {route["header"].lower()}
         host_value = route["domain"] if self.port == 443 else f"{route['domain']}:{self.port}"
-        try:
-            up.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-            up.putheader(b"Host", host_value.encode())
-            for name, value in headers:
-                if name.lower() not in drop and not name.lower().startswith(b"proxy-"):
-                    up.putheader(name, value)
-            up.putheader(route["header"], route["value"])
-            up.putheader(b"Accept-Encoding", b"identity")  # only what the scan can read
-            if length is not None:
-                up.putheader(b"Content-Length", str(length).encode())
-            up.endheaders(body or None)
-        except BaseException:
-            up.close()
-            raise
-        return up
+        up.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        up.putheader(b"Host", host_value.encode())
+        for name, value in headers:
+            if name.lower() not in drop and not name.lower().startswith(b"proxy-"):
+                up.putheader(name, value)
+        up.putheader(route["header"], route["value"])
+        up.putheader(b"Accept-Encoding", b"identity")  # only what the scan can read
+        if length is not None:
+            up.putheader(b"Content-Length", str(length).encode())
+        up.endheaders(body or None)
 
-    def relay(self, c: Conn, resp: http.client.HTTPResponse, leaks: dict) -> None:
+    def relay(self, c: Conn, resp: http.client.HTTPResponse, leaks: dict, sock: Any) -> None:
         """Send the allowlisted head and the body as it arrives (SSE), both masked."""
         coding = (resp.getheader("content-encoding") or "identity").strip().lower()
         if coding not in ("identity", "gzip", "x-gzip", "deflate"):
@@ -559,7 +588,7 @@ class Proxy:
             lines.append(line.decode("latin-1"))
         self.send(c, "\r\n".join([*lines, "Connection: close", "", ""]).encode("latin-1"))
         tail = b""
-        for data in decoded(resp, coding):
+        for data in ahead(decoded(resp, coding, sock)):
             buf, found = self.leaks.mask(tail + data if tail else data)
             for form in found:
                 leaks["body", form] = leaks.get(("body", form), 0) + 1
@@ -599,12 +628,35 @@ def allowed_headers(resp: http.client.HTTPResponse, decoding: bool) -> list[tupl
     return out
 
 
-def decoded(resp: http.client.HTTPResponse, coding: str) -> Any:
+def ended(up: Any, resp: http.client.HTTPResponse) -> bool:
+    """True if ``resp`` was read to its exact end and no byte (nor EOF) follows it yet."""
+    try:  # a byte http.client read ahead, one on the socket, or EOF: not reusable
+        if not resp.isclosed() and resp.length == 0:
+            up.sock.settimeout(0)
+            resp.fp.read1(1)
+        return resp.isclosed()
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return True
+    except OSError:
+        return False
+    finally:
+        resp.close()
+        if up.sock is not None:
+            up.sock.settimeout(up.timeout)
+
+
+def decoded(resp: http.client.HTTPResponse, coding: str, sock: Any) -> Any:
     """The body's bytes as they arrive, gzip or deflate decoded up to DECODED_MAX."""
-    inflate, total = None, 0
+    inflate, total, poll = None, 0, select.poll()
+    poll.register(sock, select.POLLIN)
     while chunk := resp.read1(BUF):
-        if coding == "identity":
-            yield chunk
+        if coding == "identity":  # plus what is there already: fewer scans and sends
+            parts = [chunk]
+            while not resp.chunked and len(parts) < 16 and (sock.pending() or poll.poll(0)):
+                parts.append(resp.read1(BUF))  # a chunk header could wait: never for SSE
+                if not parts[-1]:
+                    break
+            yield b"".join(parts)
             continue
         if inflate is None:  # "deflate" is zlib-wrapped by the spec, raw in the wild
             zlib_header = (
@@ -624,18 +676,48 @@ def decoded(resp: http.client.HTTPResponse, coding: str) -> Any:
         raise Cut("truncated compressed body")
 
 
+def ahead(items: Any, depth: int = 8) -> Any:
+    """``items`` made by a helper thread up to ``depth`` ahead: TLS reads overlap the scan.
+    Each passes on at once (SSE never waits); the helper's error is raised here."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        pair: tuple[bool, Any] = (True, None)
+        try:
+            for item in items:
+                while not stop.is_set():
+                    with contextlib.suppress(queue.Full):
+                        q.put((False, item), timeout=0.2)
+                        break
+                if stop.is_set():
+                    return
+        except BaseException as exc:
+            pair = (True, exc)
+        while not stop.is_set():  # the end, or the error: never blocks after a stop
+            with contextlib.suppress(queue.Full):
+                return q.put(pair, timeout=0.2)
+
+    try:
+        threading.Thread(target=produce, daemon=True).start()
+    except RuntimeError:  # no thread to be had: read in this one
+        yield from items
+        return
+    try:
+        while not (pair := q.get())[0]:
+            yield pair[1]
+        if pair[1] is not None:
+            raise pair[1]
+    finally:
+        stop.set()
+
+
 def reply(status: int) -> bytes:
     text = _TEXT[status]
     allow = "Allow: " + ", ".join(sorted(METHODS)) + "\r\n" if status == 405 else ""
     head = f"HTTP/1.1 {status} {http.client.responses[status]}\r\n{allow}"
     head += "Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
     return f"{head}Content-Length: {len(text)}\r\n\r\n{text}".encode()
-
-
-def number(cfg: dict[str, Any], name: str, low: float, high: float) -> None:
-    value = cfg.get(name)
-    if value is not None and not (type(value) in (int, float) and low <= value <= high):
-        raise ConfigError(f"{name} must be a number from {low} to {high}")
 
 
 def load_config(line: str) -> dict[str, Any]:
@@ -660,9 +742,7 @@ def load_config(line: str) -> dict[str, Any]:
             raise ConfigError(f"route {name}: domain must be a lowercase host name, not an IP")
         if not re.fullmatch(r"[\x21-\x7e]{8,8192}", key):
             raise ConfigError(f"route {name}: key must be 8 to 8192 visible ASCII characters")
-        if unix is not None and not (
-            isinstance(unix, str) and re.fullmatch(r"/[^\0]{1,106}", unix)
-        ):
+        if unix is not None and not re.fullmatch(r"/[^\0]{1,106}", str(unix)):
             raise ConfigError(f"route {name}: unix must be an absolute path under 108 bytes")
         try:
             header = auth_header(str(r.get("auth_style")))
@@ -674,11 +754,10 @@ def load_config(line: str) -> dict[str, Any]:
     via = cfg.get("upstream_proxy")
     if via is not None and not (isinstance(via, dict) and via.get("host") and via.get("port")):
         raise ConfigError("upstream_proxy must be null or {host, port}")
-    number(cfg, "request_timeout", 0.1, 3600)
-    for name, high in (("max_active", 4096), ("max_connections", 65536), ("upstream_port", 65535)):
-        number(cfg, name, 1, high)
-    if via is not None:
-        number(via, "port", 1, 65535)
+    for obj, name in [(cfg, n) for n in LIMITS] + ([(via, "port")] if via else []):
+        value, (low, high) = obj.get(name), LIMITS.get(name, (1, 65535))
+        if value is not None and not (type(value) in (int, float) and low <= value <= high):
+            raise ConfigError(f"{name} must be a number from {low} to {high}")
     return cfg
 
 
