@@ -65,6 +65,7 @@ from urllib.parse import quote
 
 HEAD_MAX, BODY_MAX, BUF, DECODED_MAX = 64 * 1024, 100 * 1024 * 1024, 64 * 1024, 100 * 1024**2
 TIMEOUT, ACTIVE_MAX, CONNS_MAX, BUFFERED_MAX, LINGER = 60.0, 32, 1024, 256 * 1024**2, 2.0
+LOG_MAX = 8 * 1024 * 1024  # one request log, whatever the agent sends
 METHODS = frozenset(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
 # Idle pooled connections hold tunnels of the egress "keys" listener (64): 32 + 16 fit.
 IDEMPOTENT, POOL_MAX, POOL_IDLE, POOL_TOTAL = METHODS - {"POST", "PATCH"}, 8, 15.0, 16
@@ -94,6 +95,7 @@ _TEXT |= {505: "HTTP version not supported"}
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 LIMITS = {"request_timeout": (0.1, 3600), "pool_max": (0, 64), "pool_idle": (0.1, 300)}
 LIMITS |= {"max_active": (1, 4096), "max_connections": (1, 65536), "upstream_port": (1, 65535)}
+LIMITS |= {"log_max_bytes": (1024, 1 << 30)}
 # What a pooled connection the upstream closed while idle fails with, before any answer.
 _STALE = (ConnectionError, http.client.BadStatusLine, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 if TYPE_CHECKING:  # aliases only for checkers: "int | None" fails at runtime on 3.9
@@ -267,6 +269,8 @@ class Proxy:
         except (ssl.SSLError, ValueError):
             raise ConfigError("ca_pem is not a valid PEM certificate bundle") from None
         self.lock, self.log_fd, self.active, self.buffered = threading.Lock(), -1, 0, 0
+        # Refused requests are logged too: without a cap the agent fills the sidecar's disk.
+        self.log_left = int(cfg.get("log_max_bytes") or LOG_MAX)
         self.conns: set[Conn] = set()
         self.back: list[Conn] = []
         if cfg.get("log_path"):
@@ -610,7 +614,12 @@ class Proxy:
         if self.log_fd >= 0:
             line = json.dumps({"ts": round(time.time(), 3), **rec}, sort_keys=True) + "\n"
             with self.lock, contextlib.suppress(OSError):
-                os.write(self.log_fd, line.encode())
+                if 0 < self.log_left < len(line) + 64:  # ASCII JSON: characters are bytes
+                    line = '{"event": "log truncated"}\n'
+                    self.log_left = len(line)  # the last line written
+                if self.log_left >= len(line):
+                    os.write(self.log_fd, line.encode())
+                    self.log_left -= len(line)
 
 
 def allowed_headers(resp: http.client.HTTPResponse, decoding: bool) -> list[tuple[str, str]]:

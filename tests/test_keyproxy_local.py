@@ -827,6 +827,24 @@ def test_request_log_holds_no_key_token_header_or_query(
     assert stat.S_IMODE(proxy.log_path.stat().st_mode) == 0o600
 
 
+def test_request_log_stops_at_its_cap_with_one_truncated_line(
+    start_proxy: Callable[..., KeyProxy], upstream: Upstream
+) -> None:
+    # Refused requests are logged as well: an agent looping on them must not fill the
+    # sidecar's disk (seen: 70 MB in 20 s before the cap).
+    upstream.program(OK)
+    cap = 4096
+    proxy = start_proxy(extra={"log_max_bytes": cap})
+    for _ in range(60):
+        assert parse(proxy.raw(b"GET /v1/" + b"A" * 200 + b" HTTP/1.1\r\n\r\n"))[0] == 403
+    lines = proxy.log_path.read_text().splitlines()
+    assert proxy.log_path.stat().st_size <= cap
+    assert json.loads(lines[-1]) == {"event": "log truncated"}
+    assert all(json.loads(line)["status"] == 403 for line in lines[:-1]) and len(lines) > 5
+    # Still serving after the log is full.
+    assert parse(proxy.raw(b"GET /v1/models HTTP/1.1\r\nx-api-key: @T@\r\n\r\n"))[0] == 200
+
+
 def test_key_is_not_in_argv_environ_or_any_file_and_stdout_is_detached(
     start_proxy: Callable[..., KeyProxy], upstream: Upstream
 ) -> None:
