@@ -31,26 +31,66 @@ _images_seen: set[str] = set()
 def get_client() -> Any:
     """The process's docker client, created and pinged on first use.
 
+    Configured like the docker CLI: ``DOCKER_HOST`` (``unix://``, ``tcp://``, ``ssh://``),
+    and for TLS ``DOCKER_TLS_VERIFY`` and ``DOCKER_CERT_PATH`` (``ca.pem``, ``cert.pem``,
+    ``key.pem``). The engine's CA from ``DOCKER_CERT_PATH`` is the only one its
+    certificate is checked against, whatever ``REQUESTS_CA_BUNDLE`` says.
+
     Raises :class:`DockerUnavailable` with the fix when no engine answers.
     """
     global _client
     if _client is not None:
         return _client
-    import docker  # imported lazily: collection and --help must not need it
-    from docker.errors import DockerException
+    from docker.errors import DockerException  # lazily: collection and --help must not need it
 
     try:
-        client = docker.from_env(timeout=120)
+        client = _client_class().from_env(timeout=120)
         client.ping()
     except (DockerException, OSError) as exc:
         where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
         raise DockerUnavailable(
-            f"no Docker engine answers at {where} ({type(exc).__name__}). Start Docker "
-            "(e.g. `sudo systemctl start docker` or `dockerd &`), or set DOCKER_HOST. "
-            "Without --agentbox-require-docker, sandbox tests are skipped instead."
+            f"no Docker engine answers at {where} ({type(exc).__name__}{_tls_hint(exc)}). "
+            "Start Docker (e.g. `sudo systemctl start docker` or `dockerd &`), or set "
+            "DOCKER_HOST. Without --agentbox-require-docker, sandbox tests are skipped instead."
         ) from None
     _client = client
     return client
+
+
+def _tls_hint(exc: BaseException) -> str:
+    """What to check when the engine's TLS handshake failed (nothing otherwise)."""
+    if "TLS" in type(exc).__name__ or "SSL" in str(exc):
+        return (
+            ": TLS failed; DOCKER_CERT_PATH must hold the engine's ca.pem and a client "
+            "cert.pem/key.pem, with DOCKER_TLS_VERIFY=1"
+        )
+    return ""
+
+
+@functools.cache
+def _client_class() -> Any:
+    """``docker.DockerClient`` whose HTTP session keeps the engine's own CA.
+
+    requests lets ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` replace a session's CA on
+    every request (psf/requests#3829): with either set (common on CI machines) no
+    TLS engine verifies, or worse, one signed by a public CA would be trusted instead.
+    """
+    import docker
+
+    class EngineAPI(docker.APIClient):  # type: ignore[misc]
+        def merge_environment_settings(
+            self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
+        ) -> Any:
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if isinstance(self.verify, str):  # a CA file from DOCKER_CERT_PATH
+                settings["verify"] = self.verify
+            return settings
+
+    class EngineClient(docker.DockerClient):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.api = EngineAPI(*args, **kwargs)
+
+    return EngineClient
 
 
 def ensure_image(client: Any, image: str) -> None:
