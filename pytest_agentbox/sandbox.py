@@ -600,6 +600,9 @@ class Sandbox:
             return
         limits = self.config.state_limits or state.Limits()
         with tempfile.TemporaryFile() as clean, open(stored, "rb") as src:
+            if src.read(512).count(0) == 512:  # a saved state with nothing in it
+                return
+            src.seek(0)
             # Cleaned again on the way in: the store is a file on disk that anything
             # with the user's rights could have replaced since it was written.
             report = state.clean_tar(src, clean, limits=limits, uid=self.user["uid"],

@@ -278,3 +278,22 @@ def test_gc_leaves_objects_of_live_owners(docker_client: Any, base_image: str) -
         c.reload()
     finally:
         c.remove(force=True)
+
+
+def test_a_state_with_nothing_in_it_is_saved_and_the_next_sandbox_starts(
+    make_sandbox: Any, tmp_path: Path
+) -> None:
+    # The agent made none of the four directories: the snapshot holds nothing. Before,
+    # that empty tar was refused on restore ("empty archive") and every later sandbox of
+    # the scope failed to start until the store was deleted by hand.
+    store, scope = StateStore(tmp_path / "store"), "agent/empty"
+    first = make_sandbox(state_scope=scope, state_store=store)
+    first.run("echo not kept > ~/scratch.txt")
+    first.close()
+    assert store.load(scope) is not None
+    second = make_sandbox(state_scope=scope, state_store=store)
+    assert second.run("ls ~/workspace ~/scratch.txt").exit_code != 0
+    second.run("mkdir -p ~/workspace && echo kept > ~/workspace/a.txt")
+    second.close()
+    third = make_sandbox(state_scope=scope, state_store=store)
+    assert third.read_file(f"{third.home}/workspace/a.txt") == b"kept\n"
