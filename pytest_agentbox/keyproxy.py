@@ -35,8 +35,9 @@ Security properties:
   read (SSE events never wait). gzip and deflate are decoded (100 MiB at most, past it
   the connection is reset and logged with a ``note``) and sent as identity,
   close-delimited; any other content-encoding is 502, nothing passed.
-- Errors are fixed texts, never exception text. The request log (0600) holds route,
-  method, path without query, status, sizes, time, ``reused``: no headers, keys, tokens.
+- Errors are fixed texts, never exception text; an answer cut short, malformed or failing
+  once begun is a reset. The request log (0600) holds route, method, path without
+  query, status, sizes, time, ``reused``, ``note``: no headers, keys, tokens.
 """
 
 from __future__ import annotations
@@ -604,9 +605,8 @@ class Proxy:
         self.send(c, view[:held])
 
     def send(self, c: Conn, data: bytes | memoryview) -> None:
-        if data:
-            c.sock.sendall(data)
-            c.rec["bytes_out"] += len(data)
+        c.sock.sendall(data)  # also an empty end: one cheap call, no special case
+        c.rec["bytes_out"] += len(data)
 
     def log_request(self, c: Conn) -> None:
         self.log({**c.rec, "ms": int((time.monotonic() - c.start) * 1000)})
