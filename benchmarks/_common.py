@@ -124,7 +124,7 @@ def one(c, h):
         raise SystemExit("status %d: %r" % (r.status, body[:200]))
     return body
 if action == "download":
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     c, h = connect()
     c.request("GET", path, headers=h)
     r = c.getresponse()
@@ -135,7 +135,9 @@ if action == "download":
             break
         total += k
     c.close()
-    print(json.dumps({"bytes": total, "seconds": time.perf_counter() - t, "status": r.status}))
+    cpu = time.process_time() - cpu
+    print(json.dumps({"bytes": total, "seconds": time.perf_counter() - t, "status": r.status,
+                      "cpu": cpu}))
     raise SystemExit(0)
 times = []
 if action == "keepalive":

@@ -20,9 +20,9 @@ handshake, while "direct" pays both on every request.
 
 Ceiling (same run): the key proxy's own work on this machine, in one process on the host
 with no container: a loopback TLS server sends the same body; the reader does what the
-key proxy does per byte (``read1`` from TLS, the leak scan with a random key of the
-bench's shape, one send to a drained socket pair), also without the scan and without TLS.
-No proxied figure can beat it: it bounds the streaming ratio.
+key proxy does per byte (its own reader filling one buffer from TLS, the in-place leak
+scan with a random key of the bench's shape, one send to a drained socket pair), and
+again without the scan. No proxied figure can beat it: it bounds the streaming ratio.
 
 Unless ``--no-diagnose``, the latency part is repeated with TCP_NODELAY patched into
 the fake upstream and the sandbox's forwarder and key proxy (benchmark-side patches,
@@ -129,18 +129,23 @@ def ceiling(size: int, rounds: int) -> dict[str, float]:
                                                  context=client_ctx)  # fmt: skip
                 up.request("GET", "/")
                 resp, started = up.getresponse(), time.perf_counter()
-                while data := resp.read1(keyproxy.BUF):
+                read, held = keyproxy.reader(resp, "identity", up.sock), 0
+                buf = bytearray(4 * keyproxy.BUF + leaks.longest)
+                view = memoryview(buf)  # the key proxy's body loop (Proxy.relay), no client
+                while n := read(view[held:]):
+                    end = held + n
                     if "scan" in name:
-                        data, _ = leaks.mask(data)
-                        leaks.hold(data)
-                    a.sendall(data)
+                        leaks.scan(buf, end)
+                        held = leaks.hold(buf[max(0, end - leaks.longest) : end])
+                    a.sendall(view[: end - held])
+                    buf[:held] = buf[end - held : end]
                 speeds.append(size / MB / (time.perf_counter() - started))
                 up.close()
                 a.close()
-        body = b"x" * size
+        piece = bytearray(b"x" * (4 * keyproxy.BUF))
         started = time.perf_counter()
-        for i in range(0, size, keyproxy.BUF):
-            leaks.mask(body[i : i + keyproxy.BUF])
+        for _ in range(0, size, len(piece)):
+            leaks.scan(piece, len(piece))
         scan_only = size / MB / (time.perf_counter() - started)
     finally:
         listener.close()

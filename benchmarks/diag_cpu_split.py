@@ -7,8 +7,8 @@ the machine). For a direct and a proxied download (as in ``bench_keyproxy.py``, 
 each) it prints MB/s and the CPU seconds (user + system, from ``/proc``) each process
 spent meanwhile: the fake upstream, the sidecar's egress proxy and key proxy, the
 sandbox's forwarder, counting only processes in this run's three containers (by cgroup:
-other sandboxes on a shared machine are left out). The in-sandbox client has exited by then
-and is not listed.
+other sandboxes on a shared machine are left out). The in-sandbox client has exited by then:
+it reports its own CPU seconds for the download.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def main() -> None:
                 res: Any = run_json(sb, CLIENT, mode, "download", "/v1/big", "1")
                 after = cpu_by_pid(ids)
                 print(f"{mode} {size} MB: {res['bytes'] / MB / res['seconds']:.0f} MB/s")
+                print(f"    {'client (sandbox)':<24} {res['cpu']:5.2f} s")
                 for pid, (role, seconds) in sorted(after.items(), key=lambda kv: kv[1][0]):
                     spent = seconds - before.get(pid, (role, 0.0))[1]
                     if spent >= 0.02:

@@ -35,8 +35,9 @@ Security properties:
   read (SSE events never wait). gzip and deflate are decoded (100 MiB at most, past it
   the connection is reset and logged with a ``note``) and sent as identity,
   close-delimited; any other content-encoding is 502, nothing passed.
-- Errors are fixed texts, never exception text. The request log (0600) holds route,
-  method, path without query, status, sizes, time, ``reused``: no headers, keys, tokens.
+- Errors are fixed texts, never exception text; an answer cut short, malformed or failing
+  once begun is a reset. The request log (0600) holds route, method, path without
+  query, status, sizes, time, ``reused``, ``note``: no headers, keys, tokens.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ import hmac
 import http.client
 import json
 import os
-import queue
 import re
 import resource
 import select
@@ -208,32 +208,36 @@ class Leaks:
         self.firsts: dict[int, list[bytes]] = {}
         for p in self.forms:
             self.firsts.setdefault(p[0], []).append(p)
-        self.not_first = bytes(b for b in range(256) if b not in self.firsts)
 
     def mask(self, buf: bytes) -> tuple[bytes, list[str]]:
         """``buf`` with every pattern replaced by as many ``*``, and the forms found."""
-        words = memoryview(buf)[: len(buf) & ~7].cast("Q")[:: self.step // 8]
-        if self.anchors.isdisjoint(words) and not any(p in buf for p in self.short):
-            return buf, []
-        out, found = bytearray(buf), []
+        found = self.scan(out := bytearray(buf), len(buf))
+        return (bytes(out) if found else buf), found
+
+    def scan(self, buf: bytearray, end: int) -> list[str]:
+        """Mask every pattern in ``buf[:end]`` in place; return the forms found."""
+        words = memoryview(buf)[: end & ~7].cast("Q")[:: self.step // 8]
+        if self.anchors.isdisjoint(words) and not any(buf.find(p, 0, end) >= 0 for p in self.short):
+            return []
+        seen, found = bytes(buf[:end]), []  # overlapping hits: find in the unmasked bytes
         for pattern, form in self.forms.items():
-            at = buf.find(pattern)
+            at = seen.find(pattern)
             while at >= 0:
-                out[at : at + len(pattern)] = b"*" * len(pattern)
+                buf[at : at + len(pattern)] = b"*" * len(pattern)
                 found.append(form)
-                at = buf.find(pattern, at + 1)
-        return bytes(out), found
+                at = seen.find(pattern, at + 1)
+        return found
 
     def hold(self, buf: bytes) -> int:
         """Length of the longest end of ``buf`` that could still grow into a pattern."""
-        n, lo = len(buf), max(0, len(buf) - self.longest + 1)
-        if not buf[lo:].translate(None, self.not_first):
-            return 0
-        for i in range(lo, n):
-            for p in self.firsts.get(buf[i], ()):
-                if len(p) > n - i and p.startswith(buf[i:]):
-                    return n - i
-        return 0
+        tail, best = buf[max(0, len(buf) - self.longest + 1) :], 0
+        for first, patterns in self.firsts.items():  # only where a pattern could begin
+            at = tail.find(first)
+            while 0 <= at < len(tail) - best:
+                if any(len(p) > len(tail) - at and p.startswith(tail[at:]) for p in patterns):
+                    best = len(tail) - at
+                at = tail.find(first, at + 1)
+        return best
 
 
 class Conn:
@@ -490,8 +494,10 @@ class Proxy:
                 c.rec["bytes_out"] += len(reply(status))
         except Cut as exc:
             c.rec["note"], reset = exc.args[0], True
-        except Exception:  # noqa: S110 -- agent or upstream gone mid-answer: just close
-            pass
+        except http.client.IncompleteRead:  # also a bad chunk size
+            c.rec["note"], reset = "upstream body cut short or malformed", True
+        except Exception:  # agent or upstream gone mid-answer: a reset says it is incomplete
+            reset = True
         finally:
             if up is not None:
                 self.give_back(c.route, up, reuse)
@@ -591,20 +597,20 @@ class Proxy:
                 leaks[where, form] = leaks.get((where, form), 0) + 1
             lines.append(line.decode("latin-1"))
         self.send(c, "\r\n".join([*lines, "Connection: close", "", ""]).encode("latin-1"))
-        tail = b""
-        for data in ahead(decoded(resp, coding, sock)):
-            buf, found = self.leaks.mask(tail + data if tail else data)
-            for form in found:
+        buf, held, read = bytearray(4 * BUF + self.leaks.longest), 0, reader(resp, coding, sock)
+        view = memoryview(buf)  # filled in place: the held tail moves to its front, no joins
+        while n := read(view[held:]):
+            end = held + n
+            for form in self.leaks.scan(buf, end):
                 leaks["body", form] = leaks.get(("body", form), 0) + 1
-            keep = self.leaks.hold(buf)  # masked already: it goes out next time or at the end
-            tail = buf[len(buf) - keep :] if keep else b""
-            self.send(c, buf[: len(buf) - keep] if keep else buf)
-        self.send(c, tail)
+            held = self.leaks.hold(buf[max(0, end - self.leaks.longest) : end])  # masked already
+            self.send(c, view[: end - held])
+            buf[:held] = buf[end - held : end]
+        self.send(c, view[:held])
 
-    def send(self, c: Conn, data: bytes) -> None:
-        if data:
-            c.sock.sendall(data)
-            c.rec["bytes_out"] += len(data)
+    def send(self, c: Conn, data: bytes | memoryview) -> None:
+        c.sock.sendall(data)  # also an empty end: one cheap call, no special case
+        c.rec["bytes_out"] += len(data)
 
     def log_request(self, c: Conn) -> None:
         self.log({**c.rec, "ms": int((time.monotonic() - c.start) * 1000)})
@@ -654,18 +660,48 @@ def ended(up: Any, resp: http.client.HTTPResponse) -> bool:
             up.sock.settimeout(up.timeout)
 
 
-def decoded(resp: http.client.HTTPResponse, coding: str, sock: Any) -> Any:
-    """The body's bytes as they arrive, gzip or deflate decoded up to DECODED_MAX."""
-    inflate, total, poll = None, 0, select.poll()
+def reader(resp: http.client.HTTPResponse, coding: str, sock: Any) -> Any:
+    """A function filling a memoryview with the body's next bytes, returning their count (0:
+    the end). Content-Length or close-delimited identity bodies are read straight from TLS,
+    all records there in one fill (SSE never waits); others come from ``decoded``."""
+    pieces = decoded(resp, coding) if coding != "identity" or resp.chunked else None
+    poll, first = select.poll(), True
     poll.register(sock, select.POLLIN)
+
+    def fill(into: memoryview) -> int:
+        nonlocal first
+        if pieces is not None:  # an inflate step may give nothing yet: that is not the end
+            data = next((piece for piece in pieces if piece), b"")  # at most BUF: it fits
+            into[: len(data)] = data
+            return len(data)
+        got = 0
+        while resp.length != 0 and resp.fp is not None and got < len(into):
+            size = len(into) - got if resp.length is None else min(len(into) - got, resp.length)
+            if first:  # what http.client buffered (at most 8 KiB) goes first
+                data, first = resp.read1(size), False
+                into[got : got + len(data)], n = data, len(data)
+            else:
+                n = sock.recv_into(into[got:], size)
+                resp.length = None if resp.length is None else resp.length - n
+            if not n:
+                if resp.length:
+                    raise Cut("body shorter than its Content-Length")
+                resp.close()  # close-delimited: this was its end
+                break
+            got += n
+            if not (sock.pending() or poll.poll(0)):
+                break
+        return got
+
+    return fill
+
+
+def decoded(resp: http.client.HTTPResponse, coding: str) -> Any:
+    """A chunked or compressed body's bytes as they arrive, decoded up to DECODED_MAX."""
+    inflate, total = None, 0
     while chunk := resp.read1(BUF):
-        if coding == "identity":  # plus what is there already: fewer scans and sends
-            parts = [chunk]
-            while not resp.chunked and len(parts) < 16 and (sock.pending() or poll.poll(0)):
-                parts.append(resp.read1(BUF))  # a chunk header could wait: never for SSE
-                if not parts[-1]:
-                    break
-            yield b"".join(parts)
+        if coding == "identity":
+            yield chunk
             continue
         if inflate is None:  # "deflate" is zlib-wrapped by the spec, raw in the wild
             zlib_header = (
@@ -683,42 +719,6 @@ def decoded(resp: http.client.HTTPResponse, coding: str, sock: Any) -> Any:
             yield data
     if inflate is not None and not inflate.eof:
         raise Cut("truncated compressed body")
-
-
-def ahead(items: Any, depth: int = 8) -> Any:
-    """``items`` made by a helper thread up to ``depth`` ahead: TLS reads overlap the scan.
-    Each passes on at once (SSE never waits); the helper's error is raised here."""
-    q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        pair: tuple[bool, Any] = (True, None)
-        try:
-            for item in items:
-                while not stop.is_set():
-                    with contextlib.suppress(queue.Full):
-                        q.put((False, item), timeout=0.2)
-                        break
-                if stop.is_set():
-                    return
-        except BaseException as exc:
-            pair = (True, exc)
-        while not stop.is_set():  # the end, or the error: never blocks after a stop
-            with contextlib.suppress(queue.Full):
-                return q.put(pair, timeout=0.2)
-
-    try:
-        threading.Thread(target=produce, daemon=True).start()
-    except RuntimeError:  # no thread to be had: read in this one
-        yield from items
-        return
-    try:
-        while not (pair := q.get())[0]:
-            yield pair[1]
-        if pair[1] is not None:
-            raise pair[1]
-    finally:
-        stop.set()
 
 
 def reply(status: int) -> bytes:

@@ -326,6 +326,76 @@ def test_sse_events_with_the_key_are_masked_and_still_stream(
     assert 0 < both < 1.0 < time.monotonic() - started  # the keyed events did not wait
 
 
+def plain(body: bytes, framing: str) -> bytes:
+    """A head for ``body`` framed by its Content-Length or by the connection's close."""
+    length = b"Content-Length: %d\r\n" % len(body) if framing == "length" else b""
+    return b"HTTP/1.1 200 OK\r\n" + length + b"Connection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing", ["length", "close"])
+def test_a_key_split_across_reads_of_an_unchunked_body_is_masked(
+    kp: KeyProxy, upstream: Scripted, framing: str
+) -> None:
+    # Unchunked bodies are read straight from TLS into one buffer: the pauses end each
+    # fill inside a pattern, so the held tail must carry it into the next fill.
+    pieces, body = [], b""
+    for form in keyproxy.Leaks([KEY.encode()]).forms:
+        for cut in (1, len(form) // 2, len(form) - 1):
+            pieces += [b"[" + form[:cut], 0.02, form[cut:] + b"]", 0.02]
+            body += b"[" + form + b"]"
+    upstream.answer = lambda head: [plain(body, framing), *pieces]
+    status, headers, got = parse(get(kp))
+    assert status == 200 and got == masked(body) and leaked(KEY, got) == []
+    assert headers.get("content-length", [str(len(body))]) == [str(len(body))]
+
+
+@pytest.mark.parametrize("framing", ["length", "close"])
+def test_a_long_body_is_masked_across_every_buffer_fill(
+    kp: KeyProxy, upstream: Scripted, framing: str
+) -> None:
+    # 3 MB in one write with a key every 10007 bytes: keys straddle fill boundaries
+    # wherever they fall, and nothing is lost or repeated between fills.
+    text = b'{"delta": "lorem ipsum dolor sit amet"}\n' * 80_000
+    body = b"".join(text[i : i + 10007] + KEY.encode() for i in range(0, len(text), 10007))
+    upstream.answer = lambda head: [plain(body, framing) + body]
+    got = parse(get(kp))[2]
+    assert len(got) == len(body) and got == masked(body)
+    assert sum(r["count"] for r in leak_records(kp)) == body.count(KEY.encode())
+
+
+TRUNCATED = {  # an answer that ends early or is malformed, and the note it is logged with
+    "short-length": (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+                     "body shorter than its Content-Length"),
+    "short-chunk": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n0123456789",
+                    "upstream body cut short or malformed"),
+    "bad-chunk-size": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"a\r\n0123456789\r\nzz\r\nmore\r\n0\r\n\r\n",
+                       "upstream body cut short or malformed"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TRUNCATED))
+def test_an_answer_cut_short_or_malformed_is_a_reset_and_logged(
+    kp: KeyProxy, upstream: Scripted, case: str
+) -> None:
+    answer, note = TRUNCATED[case]
+    upstream.answer = lambda head: [answer]
+    with pytest.raises(ConnectionResetError):  # never a clean end the agent would trust
+        get(kp)
+    entry = next(x for x in kp.log_entries(1) if x.get("path") == "/v1/x")
+    assert entry["note"] == note
+
+
+def test_chunk_extensions_and_trailers_are_read_and_never_passed(
+    kp: KeyProxy, upstream: Scripted
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    chunks = b"5;ext=1\r\nhello\r\n6;a=b;c\r\n world\r\n0\r\nX-Trailer: " + KEY.encode()
+    upstream.answer = lambda _: [head, chunks, 0.05, b"\r\n\r\n"]
+    status, headers, got = parse(get(kp))
+    assert (status, got) == (200, b"hello world") and "x-trailer" not in headers
+
+
 # --------------------------------------------------------------------------- headers
 
 

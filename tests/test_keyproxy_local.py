@@ -1014,7 +1014,7 @@ def test_keyproxy_runs_on_python39(
 
 def test_keyproxy_stays_short_enough_to_audit() -> None:
     source = Path(KEYPROXY).read_text()
-    # 820 with the upstream pool and the read-ahead thread; issue 11 aims at 600.
+    # 820 with the upstream pool and the in-place body buffer; issue 11 aims at 600.
     assert len(source.splitlines()) <= 820
     assert re.search(r"Security properties:", source)
 
@@ -1332,6 +1332,9 @@ NOT_REUSED = {  # the first answer, and why its connection must not carry anothe
     "unknown-encoding": lambda key: ok_answer(head=b"Content-Encoding: br\r\n"),
     "bad-gzip": lambda key: ok_answer(b"\x1f\x8b\x08\0garbage", b"Content-Encoding: gzip\r\n"),
     "extra-bytes": lambda key: ok_answer() + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfake",
+    "extra-bytes-after-a-long-body": lambda key: (
+        ok_answer(b"y" * 300_000) + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfake"
+    ),
 }
 
 
@@ -1356,6 +1359,20 @@ def test_pool_does_not_reuse_after_a_leak_cut_error_or_close(
     while 1 not in keepalive.closed and time.monotonic() < deadline:
         time.sleep(0.05)
     assert 1 in keepalive.closed  # the tainted connection was closed, not kept idle
+
+
+def test_pool_reuses_a_connection_after_a_long_body_read_to_its_exact_end(
+    start_proxy: Callable[..., KeyProxy], keepalive: KeepAlive
+) -> None:
+    # Past http.client's buffer the body is read straight from TLS: the bytes counted
+    # there must end exactly at the body's end for the next answer to parse.
+    body = b"y" * 300_001 + b"end"
+    keepalive.script = lambda cid, nth, head: ok_answer(body)
+    kp = start_proxy(target=keepalive.port)
+    for _ in range(3):
+        _, headers, got = parse(kp.raw(GET))
+        assert (headers["content-length"], got) == ([str(len(body))], body)
+    assert keepalive.conns() == [1, 1, 1]
 
 
 def test_pool_does_not_reuse_when_the_agent_left_mid_answer(
