@@ -37,7 +37,8 @@ Security properties:
   close-delimited; any other content-encoding is 502, nothing passed.
 - Errors are fixed texts, never exception text; an answer cut short, malformed or failing
   once begun is a reset. The request log (0600) holds route, method, path without
-  query, status, sizes, time, ``reused``, ``note``: no headers, keys, tokens.
+  query, status, sizes, time, ``reused``, ``note``: no headers, keys, tokens; at most
+  ``log_max_bytes`` (8 MiB), then one ``{"event": "log truncated"}`` line.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from urllib.parse import quote
 
 HEAD_MAX, BODY_MAX, BUF, DECODED_MAX = 64 * 1024, 100 * 1024 * 1024, 64 * 1024, 100 * 1024**2
 TIMEOUT, ACTIVE_MAX, CONNS_MAX, BUFFERED_MAX, LINGER = 60.0, 32, 1024, 256 * 1024**2, 2.0
-LOG_MAX = 8 * 1024 * 1024  # one request log, whatever the agent sends
+LOG_MAX = 8 * 1024 * 1024  # the request log, whatever the agent sends
 METHODS = frozenset(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
 # Idle pooled connections hold tunnels of the egress "keys" listener (64): 32 + 16 fit.
 IDEMPOTENT, POOL_MAX, POOL_IDLE, POOL_TOTAL = METHODS - {"POST", "PATCH"}, 8, 15.0, 16
@@ -273,8 +274,7 @@ class Proxy:
         except (ssl.SSLError, ValueError):
             raise ConfigError("ca_pem is not a valid PEM certificate bundle") from None
         self.lock, self.log_fd, self.active, self.buffered = threading.Lock(), -1, 0, 0
-        # Refused requests are logged too: without a cap the agent fills the sidecar's disk.
-        self.log_left = int(cfg.get("log_max_bytes") or LOG_MAX)
+        self.log_left = int(cfg.get("log_max_bytes") or LOG_MAX)  # refusals are logged too
         self.conns: set[Conn] = set()
         self.back: list[Conn] = []
         if cfg.get("log_path"):
@@ -621,11 +621,10 @@ class Proxy:
             line = json.dumps({"ts": round(time.time(), 3), **rec}, sort_keys=True) + "\n"
             with self.lock, contextlib.suppress(OSError):
                 if 0 < self.log_left < len(line) + 64:  # ASCII JSON: characters are bytes
-                    line = '{"event": "log truncated"}\n'
-                    self.log_left = len(line)  # the last line written
+                    line = '{"event": "log truncated"}\n'  # the last line written
+                    self.log_left = len(line)
                 if self.log_left >= len(line):
-                    os.write(self.log_fd, line.encode())
-                    self.log_left -= len(line)
+                    self.log_left -= os.write(self.log_fd, line.encode())
 
 
 def allowed_headers(resp: http.client.HTTPResponse, decoding: bool) -> list[tuple[str, str]]:

@@ -1014,8 +1014,9 @@ def test_keyproxy_runs_on_python39(
 
 def test_keyproxy_stays_short_enough_to_audit() -> None:
     source = Path(KEYPROXY).read_text()
-    # 820 with the upstream pool and the in-place body buffer; issue 11 aims at 600.
-    assert len(source.splitlines()) <= 820
+    # 820 with the upstream pool and the in-place body buffer, 830 with the request log's
+    # cap; issue 11 aims at 600.
+    assert len(source.splitlines()) <= 830
     assert re.search(r"Security properties:", source)
 
 
