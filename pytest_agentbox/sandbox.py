@@ -41,6 +41,7 @@ from . import engine, hardening, paths
 from .engine import DEFAULT_IMAGE
 from .errors import AgentboxError, HardeningError, KeyProxyError, SetupCommandFailed
 from .manifest import KeyRoute, Resources, format_size
+from .options import MAX_SECONDS
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -76,6 +77,56 @@ FORWARDED_ENV = (
 # agent's processes when a failing sandbox is kept. User processes never hold them:
 # non-root + no-new-privileges clears them.
 HARDENING_CAPS = ("SYS_ADMIN", "CHOWN", "FOWNER", "KILL")
+
+# The host's own clock on every user exec: the runner enforces a command's limit, but
+# the agent can stop the runner (kill -STOP $PPID). Past the limit plus this grace (the
+# runner's own kill of a fork bomb may take 10 s) the host stops waiting and says so.
+RUNNER_GRACE = 15.0
+# The overall budget of a teardown read that execs as the user (storage use, memory
+# events): a frozen sandbox delays a failure report by seconds, not minutes.
+TEARDOWN_BUDGET = 5.0
+# The longest command time limit taken (7 days), the options' own bound: a socket
+# timeout or interval timer cannot hold 1e12 s.
+MAX_TIMEOUT = MAX_SECONDS
+
+
+def check_cap_add(caps: Any) -> tuple[str, ...]:
+    """``caps`` as a tuple if every one is among :data:`HARDENING_CAPS`, else AgentboxError.
+
+    Only root's setup steps hold these (user processes never do), but the engine widens
+    its seccomp profile for each added capability, and the user filter takes back only
+    what the hardening set opens: nothing else may be added.
+    """
+    if isinstance(caps, str) or not isinstance(caps, Sequence):
+        raise AgentboxError(
+            f"cap_add {caps!r} is not a list of capability names; allowed: a subset of "
+            f"{list(HARDENING_CAPS)}"
+        )
+    names = tuple(str(c).upper().removeprefix("CAP_") for c in caps)
+    extra = sorted({n for n in names if n not in HARDENING_CAPS})
+    if extra or any(not isinstance(c, str) for c in caps):
+        raise AgentboxError(
+            f"cap_add {list(caps)!r} is refused: only the hardening set "
+            f"{list(HARDENING_CAPS)} (or a subset) may be added. Root's setup steps need "
+            "exactly these, user code never holds any, and each extra one widens the "
+            "engine's seccomp profile beyond what the sandbox's own filter takes back."
+        )
+    return names
+
+
+def check_timeout(value: Any, what: str = "timeout") -> float:
+    """``value`` as seconds if it is a finite number in (0, MAX_TIMEOUT], else ValueError."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} {value!r} is not a number of seconds")
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise ValueError(
+            f"{what} {value!r} is out of range: a number of seconds greater than 0 and at "
+            f"most {MAX_TIMEOUT:g} (7 days)"
+        )
+    return float(value)
+
 
 _PATH = ":".join(engine.SYSTEM_DIRS)
 
@@ -182,6 +233,11 @@ class SandboxConfig:
     host_env: Mapping[str, str] | None = None  # defaults to os.environ
     progress: Callable[[str], None] | None = None
 
+    def __post_init__(self) -> None:
+        self.cap_add = check_cap_add(self.cap_add)
+        self.timeout = check_timeout(self.timeout)
+        self.setup_timeout = check_timeout(self.setup_timeout, "setup_timeout")
+
 
 @dataclass
 class Step:
@@ -237,6 +293,10 @@ class Sandbox:
         ``on_created`` receives the sandbox before any step runs, so a caller's teardown
         can find it (and its report sections) even when setup fails.
         """
+        # Again here: a field assigned after construction never went through the checks.
+        config.cap_add = check_cap_add(config.cap_add)
+        check_timeout(config.timeout)
+        check_timeout(config.setup_timeout, "setup_timeout")
         client = client or engine.get_client()
         sb = cls(config, client)
         if on_created is not None:
@@ -673,16 +733,27 @@ class Sandbox:
         stdin: bytes | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
-        timeout: float | None = None,
+        deadline: float,
     ) -> engine.ExecOutput:
+        """One runner exec as the user, given up ``deadline`` seconds after it starts.
+
+        The runner enforces a command's own limit, but the agent can stop the runner:
+        only the host's clock is sure. Past the deadline the exec is left running (no
+        root exec may end it: user code has run) and the output says so.
+        """
         self._user_code_ran = True
-        # The runner enforces the command's own limit; the socket only guards against an
-        # engine that never answers (a silent command may run as long as its limit).
         return engine.exec_run(
             self._client, self.container.id, argv, user=self.user_spec,
             env=self._user_env(env), workdir=cwd or self.workdir, stdin=stdin,
-            timeout=None if timeout is None else timeout + 60,
+            timeout=None, deadline=deadline,
         )  # fmt: skip
+
+    def _stalled(self, what: str, seconds: float) -> str:
+        return (
+            f"agentbox: the sandbox's runner stopped answering: {what} gave no result within "
+            f"{seconds:g}s (the agent may have stopped it, e.g. with kill -STOP); the host "
+            "stopped waiting, and its processes may run on until the sandbox is removed"
+        )
 
     def _user_command(
         self,
@@ -696,7 +767,7 @@ class Sandbox:
         else:
             argv = [str(a) for a in command]
             text = shlex.join(argv)
-        limit = self.config.timeout if timeout is None else timeout
+        limit = self.config.timeout if timeout is None else check_timeout(timeout)
         return text, self._user_argv("run", str(limit), *argv), limit
 
     def run(
@@ -716,8 +787,11 @@ class Sandbox:
         """
         text, cmd, limit = self._user_command(command, timeout=timeout)
         start = time.monotonic()
-        out = self._user_exec(cmd, env=env, cwd=cwd, timeout=limit)
+        out = self._user_exec(cmd, env=env, cwd=cwd, deadline=limit + RUNNER_GRACE)
         texts = [b.decode("utf-8", "replace") for b in (out.stdout, out.stderr)]
+        if out.deadline_passed:
+            texts[1] += "\n" + self._stalled(f"a command with a {limit:g}s limit",
+                                             limit + RUNNER_GRACE) + "\n"  # fmt: skip
         for i, n in enumerate(out.dropped):
             if n:
                 name = ("stdout", "stderr")[i]
@@ -725,11 +799,12 @@ class Sandbox:
         stdout, stderr = texts
         result = CommandResult(
             command=text,
-            exit_code=out.exit_code,
+            exit_code=124 if out.deadline_passed else out.exit_code,
             stdout=stdout,
             stderr=stderr,
             duration=time.monotonic() - start,
-            timed_out=out.exit_code == 124 and b"agentbox: command timed out" in out.stderr,
+            timed_out=out.deadline_passed
+            or (out.exit_code == 124 and b"agentbox: command timed out" in out.stderr),
             stdout_dropped=out.dropped[0],
             stderr_dropped=out.dropped[1],
         )
@@ -753,16 +828,27 @@ class Sandbox:
         )  # fmt: skip
         return Spawned(self, text, exec_id, sock)
 
+    @property
+    def _io_deadline(self) -> float:
+        return self.config.timeout + RUNNER_GRACE
+
+    def _raise_if_stalled(self, out: engine.ExecOutput, what: str) -> None:
+        if out.deadline_passed:
+            raise AgentboxError(self._stalled(what, self._io_deadline))
+
     def write_file(self, path: str, data: bytes | str) -> None:
         """Write ``data`` to ``path`` as the user (relative paths are under the code dir)."""
         raw = data.encode() if isinstance(data, str) else data
-        out = self._user_exec(self._user_argv("write", path), stdin=raw)
+        out = self._user_exec(self._user_argv("write", path), stdin=raw, deadline=self._io_deadline)
+        self._raise_if_stalled(out, f"write_file({path!r})")
         if out.exit_code != 0:
             raise AgentboxError(f"write_file({path!r}) failed: {out.stderr.decode().strip()}")
 
     def read_file(self, path: str) -> bytes:
         """Read ``path`` as the user; raises FileNotFoundError or PermissionError like open()."""
-        out = self._user_exec(self._user_argv("run", str(self.config.timeout), "cat", "--", path))
+        argv = self._user_argv("run", str(self.config.timeout), "cat", "--", path)
+        out = self._user_exec(argv, deadline=self._io_deadline)
+        self._raise_if_stalled(out, f"read_file({path!r})")
         if out.dropped[0]:
             raise AgentboxError(
                 f"read_file({path!r}): larger than the {engine.MAX_OUTPUT // 2**20} MiB a read "
@@ -785,7 +871,9 @@ class Sandbox:
         data = engine.tar_directory(
             Path(local_dir), uid=self.user["uid"], gid=self.user["gid"], skip=set()
         )
-        out = self._user_exec(self._user_argv("extract", target), stdin=data)
+        out = self._user_exec(self._user_argv("extract", target), stdin=data,
+                              deadline=self._io_deadline)  # fmt: skip
+        self._raise_if_stalled(out, f"upload into {target}")
         if out.exit_code != 0:
             raise AgentboxError(
                 f"upload into {target} failed as the sandbox user: "
@@ -843,7 +931,8 @@ class Sandbox:
         )
         argv = [self._runner_python, "-I", "-S", "-c", script, self.home, "/tmp"]
         try:
-            out = self._user_exec(self._user_argv("run", "30", *argv), timeout=30)
+            limit = str(TEARDOWN_BUDGET)
+            out = self._user_exec(self._user_argv("run", limit, *argv), deadline=TEARDOWN_BUDGET)
             found = json.loads(out.stdout.decode()[:4096])
             return {str(k): (int(v[0]), int(v[1])) for k, v in found.items()}
         except Exception:  # the agent's user could have broken it: a report, not a verdict
@@ -1076,16 +1165,21 @@ class Spawned:
         return self._stderr.decode("utf-8", "replace")
 
     def close(self, timeout: float = 10.0) -> int:
-        """Close stdin, wait for the process to end; returns its exit code."""
+        """Close stdin, wait up to ``timeout`` for the process to end; its exit code, or -1
+        when it has not ended by then (it is left running)."""
         with self._cond:
             self._closing = True  # a reader waiting for room drops the rest instead
             self._cond.notify_all()
         with contextlib.suppress(OSError):
             self._sock.shutdown(1)
         self._reader.join(timeout)
+        ended = not self._reader.is_alive()
         with contextlib.suppress(OSError):
             self._sock.close()
-        return engine.exec_exit_code(self.sandbox._client, self._exec_id)
+        # Output still open after ``timeout``: the process runs on (or its runner was
+        # stopped by the agent); one look, no 30 s wait for an exit that is not coming.
+        wait = 30.0 if ended else 0.0
+        return engine.exec_exit_code(self.sandbox._client, self._exec_id, wait=wait)
 
     def __enter__(self) -> Spawned:
         return self
