@@ -507,6 +507,7 @@ def start_daemon(
     *,
     stdin_prefix: bytes = b"",
     with_stderr: bool = False,
+    env: Mapping[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """Start a root tool that reads one JSON config line and answers with one ready line.
 
@@ -514,9 +515,10 @@ def start_daemon(
     tool keeps running after we detach. Returns the ready line ({} if none came); with
     ``with_stderr`` (a tool whose config holds no secret), when it is not ready, its
     ``error`` carries the tool's own stderr (see :func:`read_ready`).
-    ``stdin_prefix`` goes first (the tool's source, see :func:`tool_command`).
+    ``stdin_prefix`` goes first (the tool's source, see :func:`tool_command`); ``env``
+    as for :func:`exec_start` (None unsets a variable the image's ENV sets).
     """
-    _exec_id, sock = exec_start(client, container_id, cmd, user="0", timeout=30)
+    _exec_id, sock = exec_start(client, container_id, cmd, user="0", env=env, timeout=30)
     try:
         sock.sendall(stdin_prefix + json.dumps(config).encode() + b"\n")
         return read_ready(sock, with_stderr=with_stderr)

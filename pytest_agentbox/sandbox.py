@@ -183,6 +183,9 @@ _SETID_SCANS: dict[str, list[str]] = {}
 # per process from a never-started container, then copied into every sandbox's home.
 _HOME_SEEDS: dict[tuple[str, str], str] = {}
 
+# id(client) -> the engine's MemTotal in bytes (0: unknown), asked once per client.
+_MEM_TOTAL: dict[int, int] = {}
+
 
 @dataclass(frozen=True)
 class CommandResult:
@@ -390,8 +393,15 @@ class Sandbox:
         would show the empty volume), once per image and process.
         """
         key = (str(self.container.attrs.get("Image", "")), self._storage_home)
-        if key in _HOME_SEEDS:
-            return _HOME_SEEDS[key]
+        if key not in _HOME_SEEDS:
+            _HOME_SEEDS[key] = self._read_home_seed(owner, key)
+        seed = _HOME_SEEDS[key]
+        # The tar (its headers too) a little over what the files need: a fair test of fit.
+        if len(seed) // 4 * 3 > self.config.resources.disk_bytes:
+            raise AgentboxError(self._too_big(f"its {key[1]}"))
+        return seed
+
+    def _read_home_seed(self, owner: paths.Owner, key: tuple[str, str]) -> str:
         with self._step("read image home"):
             probe = self._client.containers.create(
                 key[0], entrypoint=["/bin/true"], command=[], network_mode="none",
@@ -413,8 +423,7 @@ class Sandbox:
                 "in-memory home. Install large things outside the home (e.g. /opt or "
                 "/usr/local) in the image."
             )
-        _HOME_SEEDS[key] = seed = base64.b64encode(data).decode()
-        return seed
+        return base64.b64encode(data).decode()
 
     def _harden(self, seed: str) -> dict[str, Any]:
         image_id = str(self.container.attrs.get("Image", ""))
@@ -481,7 +490,8 @@ class Sandbox:
             )  # fmt: skip
             self.storage_volumes.append(vol)
             volumes[vol.name] = {"bind": where, "mode": "rw"}
-        self.container = self._client.containers.create(
+        self._check_memory()
+        self.container = self._create(
             cfg.image,
             # Neither the image's ENTRYPOINT nor its HEALTHCHECK may run: both would run
             # as root, the health check periodically, after user code.
@@ -510,6 +520,48 @@ class Sandbox:
         self._register()
         self._channel = engine.attach(self._client, self.container.id)
         self.container.start()
+
+    def _create(self, image: str, **kwargs: Any) -> Any:
+        """``containers.create``, its out-of-space error said in terms of the cap.
+
+        The engine copies the image's files at each volume's path into the new volume
+        at create time (the copy is then hidden by the tmpfs): an image home or /tmp
+        larger than the cap fails that copy.
+        """
+        try:
+            return self._client.containers.create(image, **kwargs)
+        except Exception as exc:
+            if "no space left on device" not in str(exc).lower():
+                raise
+            raise AgentboxError(self._too_big(f"its {self._storage_home} or /tmp")) from None
+
+    def _too_big(self, what: str) -> str:
+        cap = format_size(self.config.resources.disk_bytes)
+        return (
+            f"image {self.config.image!r}: {what} holds more than the sandbox's {cap} disk "
+            "cap, so it does not fit into the sandbox's in-memory home. Raise "
+            "resources.disk (and memory with it: the home is held in memory), or install "
+            "large things outside the home (e.g. /opt or /usr/local) in the image."
+        )
+
+    def _check_memory(self) -> None:
+        """Refuse a memory limit above the engine's whole memory (clear, before create)."""
+        want = self.config.resources.memory_bytes
+        key = id(self._client)
+        if key not in _MEM_TOTAL:
+            try:
+                _MEM_TOTAL[key] = int(self._client.info().get("MemTotal") or 0)
+            except Exception:  # no figure: the engine enforces what it can
+                _MEM_TOTAL[key] = 0
+        total = _MEM_TOTAL[key]
+        if total and want > total:
+            raise AgentboxError(
+                f"resources.memory {self.config.resources.memory!r} is more than the Docker "
+                f"engine's whole memory ({format_size(total)}): the limit could never be "
+                "reached, and the sandbox's in-memory home and /tmp could take the host's "
+                f"memory. Lower resources.memory to at most {format_size(total)} (and disk "
+                "with it)."
+            )
 
     def _register(self) -> None:
         with _LIVE_LOCK:
@@ -556,15 +608,27 @@ class Sandbox:
         if self._user_code_ran:
             raise AgentboxError("refusing to run as root in the sandbox after user code ran")
 
+    def _root_env(self) -> dict[str, str | None]:
+        """Every loader variable of the image's ENV unset (None) for a root exec: the
+        loader would act on LD_PRELOAD and friends before the step's own code."""
+        from .runner import is_loader_variable
+
+        names = (v.split("=", 1)[0] for v in self._container_env())
+        return {name: None for name in names if is_loader_variable(name)}
+
     def _root_exec(self, cmd: list[str], stdin: bytes | None = None) -> engine.ExecOutput:
         self._refuse_root_after_user_code()
-        return engine.exec_run(self._client, self.container.id, cmd, user="0", stdin=stdin)
+        return engine.exec_run(
+            self._client, self.container.id, cmd, user="0", stdin=stdin, env=self._root_env()
+        )
 
     def _root_daemon(self, cmd: list[str], config: Mapping[str, Any]) -> dict[str, Any]:
         # The same guard as every root exec: a daemon is a root process that stays.
         self._refuse_root_after_user_code()
         # with_stderr: the forwarder's config holds socket paths only, no secret.
-        return engine.start_daemon(self._client, self.container.id, cmd, config, with_stderr=True)
+        return engine.start_daemon(
+            self._client, self.container.id, cmd, config, with_stderr=True, env=self._root_env()
+        )
 
     def _root_json(self, cmd: list[str], stdin: bytes | None = None) -> dict[str, Any]:
         out = self._root_exec(cmd, stdin)
@@ -808,8 +872,13 @@ class Sandbox:
             stdout_dropped=out.dropped[0],
             stderr_dropped=out.dropped[1],
         )
-        self.history.append(_for_history(result))
+        self.history.append(_for_history(result, self._history_margin()))
         return result
+
+    def _history_margin(self) -> int:
+        """Bytes dropped after a history cut: more than any form of any secret here."""
+        longest = max([len(k) for k in self.config.keys.values()] + [len(self._token)])
+        return LEAK_FORM_FACTOR * longest + 8
 
     def spawn(
         self,
@@ -911,8 +980,52 @@ class Sandbox:
                     )
         if full := self._storage_full():
             logs["storage"] = full
+        if oom := self._oom_report():
+            logs["memory"] = oom
         self.logs = logs
         return logs
+
+    def memory_events(self) -> dict[str, Any]:
+        """Out-of-memory kills seen so far: ``oom_killed`` (the engine's word: the
+        container itself ended for memory) and ``oom_kills`` (processes the kernel killed
+        in the sandbox's memory cgroup, read as the user; None when it cannot tell).
+
+        {} once the container is gone.
+        """
+        if self.container is None:
+            return {}
+        found: dict[str, Any] = {"oom_killed": False, "oom_kills": None}
+        with contextlib.suppress(Exception):
+            self.container.reload()
+            found["oom_killed"] = bool(self.container.attrs["State"].get("OOMKilled"))
+        if self._runner_python and self.container.status == "running":
+            argv = ["/bin/cat", "/sys/fs/cgroup/memory/memory.oom_control"]
+            with contextlib.suppress(Exception):
+                limit = str(TEARDOWN_BUDGET)
+                out = self._user_exec(self._user_argv("run", limit, *argv),
+                                      deadline=TEARDOWN_BUDGET)  # fmt: skip
+                for line in out.stdout.decode(errors="replace").splitlines()[:16]:
+                    name, _, value = line.partition(" ")
+                    if name == "oom_kill" and value.strip().isdigit():
+                        found["oom_kills"] = int(value)
+        return found
+
+    def _oom_report(self) -> str:
+        """What the kernel killed for memory, for the report ("" when nothing)."""
+        events = self.memory_events()
+        mem = self.config.resources.memory
+        if events.get("oom_killed"):
+            return (
+                f"memory: the sandbox was killed for memory ({mem} limit). Raise "
+                "resources.memory (the home and /tmp count against it too)."
+            )
+        if events.get("oom_kills"):
+            return (
+                f"memory: the kernel killed {events['oom_kills']} process(es) in the sandbox "
+                f"for memory ({mem} limit; files in the home, /tmp and /dev/shm count "
+                "against it). Raise resources.memory."
+            )
+        return ""
 
     def storage_usage(self) -> dict[str, tuple[int, int]]:
         """Bytes used and the cap, per writable place (the home and ``/tmp``).
@@ -1028,20 +1141,33 @@ class Sandbox:
         return f"<Sandbox {cid} image={self.config.image!r}>"
 
 
-def _tail_text(text: str, limit: int) -> tuple[str, int]:
-    """The end of ``text`` within ``limit`` UTF-8 bytes, and how many bytes were cut."""
+# The longest spelling of a secret the report's redactor knows, per character of it:
+# base64 of a JSON text whose every character is a \u00XX escape (6 * 4/3).
+LEAK_FORM_FACTOR = 8
+
+
+def _tail_text(text: str, limit: int, margin: int = 0) -> tuple[str, int]:
+    """The end of ``text`` within ``limit`` UTF-8 bytes, and how many bytes were cut.
+
+    When it cuts, ``margin`` more bytes go after the cut: whatever part of a secret the
+    cut left at the start is shorter than that, so no remnant the redactor could not
+    recognise stays behind.
+    """
     data = text.encode()
     if len(data) <= limit:
         return text, 0
-    tail = data[-limit:].decode("utf-8", "ignore")
+    tail = data[-limit:][margin:].decode("utf-8", "ignore")
     return tail, len(data) - len(tail.encode())
 
 
-def _for_history(result: CommandResult) -> CommandResult:
-    """``result`` as the history keeps it: each stream's tail, cuts counted and marked."""
+def _for_history(result: CommandResult, margin: int = 0) -> CommandResult:
+    """``result`` as the history keeps it: each stream's tail, cuts counted and marked.
+
+    ``margin``: at least the longest form any secret of the sandbox leaks in.
+    """
     limit = HISTORY_BYTES // (2 * HISTORY_LENGTH)
-    out, cut_out = _tail_text(result.stdout, limit)
-    err, cut_err = _tail_text(result.stderr, limit)
+    out, cut_out = _tail_text(result.stdout, limit, margin)
+    err, cut_err = _tail_text(result.stderr, limit, margin)
     if not (cut_out or cut_err):
         return result
 
