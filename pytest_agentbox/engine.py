@@ -323,6 +323,50 @@ class _Bounded:
         self._call(self.sock.sendall, data)
 
 
+def exec_start_within(
+    seconds: float, *args: Any, **kwargs: Any
+) -> tuple[str, socket.socket] | None:
+    """:func:`exec_start`, or None when the engine has not started it within ``seconds``."""
+    return _start_by(time.monotonic() + seconds, *args, **kwargs)
+
+
+def _start_by(end: float | None, *args: Any, **kwargs: Any) -> tuple[str, socket.socket] | None:
+    """:func:`exec_start`, or None when it has not returned by ``end``.
+
+    The engine's own calls can stall too: the exec's ``runc init`` runs as the exec's
+    user in the container, where the agent can stop it, and the engine then holds the
+    next exec's create. A call past ``end`` is left to finish in its thread, which
+    closes what it got.
+    """
+    if end is None:
+        return exec_start(*args, **kwargs)
+    box: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def start() -> None:
+        try:
+            got = exec_start(*args, **kwargs)
+        except Exception as exc:
+            got, box["error"] = None, exc
+        with lock:
+            if box.get("abandoned") and got is not None:
+                with contextlib.suppress(OSError):
+                    got[1].close()
+            else:
+                box["started"] = got
+
+    worker = threading.Thread(target=start, name="agentbox-exec-start", daemon=True)
+    worker.start()
+    worker.join(max(0.0, end - time.monotonic()))
+    with lock:
+        if worker.is_alive():
+            box["abandoned"] = True
+            return None
+    if "error" in box:
+        raise box["error"]
+    return box["started"]  # type: ignore[no-any-return]
+
+
 def exec_run(
     client: Any,
     container_id: str,
@@ -345,9 +389,12 @@ def exec_run(
     the agent's for one, can stop the command's runner; only the host's clock is sure).
     """
     end = None if deadline is None else time.monotonic() + deadline
-    exec_id, sock = exec_start(
-        client, container_id, cmd, user=user, env=env, workdir=workdir, timeout=timeout
+    started = _start_by(
+        end, client, container_id, cmd, user=user, env=env, workdir=workdir, timeout=timeout
     )
+    if started is None:
+        return ExecOutput(-1, b"", b"", (0, 0), True)
+    exec_id, sock = started
     bounded = _Bounded(sock, end, timeout)
     out, err = bytearray(), bytearray()
     dropped = [0, 0]

@@ -891,11 +891,13 @@ class Sandbox:
         """Start a long-running process that speaks newline-delimited JSON on stdin/stdout."""
         text, cmd, _limit = self._user_command(command, timeout=timeout)
         self._user_code_ran = True
-        exec_id, sock = engine.exec_start(
-            self._client, self.container.id, cmd, user=self.user_spec,
+        started = engine.exec_start_within(
+            RUNNER_GRACE, self._client, self.container.id, cmd, user=self.user_spec,
             env=self._user_env(env), workdir=cwd or self.workdir,
         )  # fmt: skip
-        return Spawned(self, text, exec_id, sock)
+        if started is None:
+            raise AgentboxError(self._stalled(f"spawn({text!r})", RUNNER_GRACE))
+        return Spawned(self, text, *started)
 
     @property
     def _io_deadline(self) -> float:
