@@ -262,6 +262,10 @@ class Sandbox:
         self._python = ""  # the image's python3, absolute, checked root-owned by hardening
         self._runner_python = ""  # its execute-only copy, which user commands start from
         self._user_code_ran = False
+        # A user exec passed its deadline: the agent may be stopping our processes. The
+        # engine then holds the container's exec list for the stuck start, and an
+        # inspect would wait on it and hold up removal: teardown reads skip.
+        self._unanswered = False
         self.hardening: dict[str, Any] = {}
         self.user: dict[str, Any] = {"name": config.user, "uid": config.uid, "gid": config.uid}
         self.home = f"/home/{config.user}"
@@ -806,11 +810,13 @@ class Sandbox:
         root exec may end it: user code has run) and the output says so.
         """
         self._user_code_ran = True
-        return engine.exec_run(
+        out = engine.exec_run(
             self._client, self.container.id, argv, user=self.user_spec,
             env=self._user_env(env), workdir=cwd or self.workdir, stdin=stdin,
             timeout=None, deadline=deadline,
         )  # fmt: skip
+        self._unanswered |= out.deadline_passed
+        return out
 
     def _stalled(self, what: str, seconds: float) -> str:
         return (
@@ -992,15 +998,13 @@ class Sandbox:
         container itself ended for memory) and ``oom_kills`` (processes the kernel killed
         in the sandbox's memory cgroup, read as the user; None when it cannot tell).
 
-        {} once the container is gone.
+        {} once the container is gone; nothing is asked of a sandbox whose runner
+        stopped answering (both then stay unknown: False and None).
         """
         if self.container is None:
             return {}
         found: dict[str, Any] = {"oom_killed": False, "oom_kills": None}
-        with contextlib.suppress(Exception):
-            self.container.reload()
-            found["oom_killed"] = bool(self.container.attrs["State"].get("OOMKilled"))
-        if self._runner_python and self.container.status == "running":
+        if self._runner_python and not self._unanswered:
             argv = ["/bin/cat", "/sys/fs/cgroup/memory/memory.oom_control"]
             with contextlib.suppress(Exception):
                 limit = str(TEARDOWN_BUDGET)
@@ -1010,6 +1014,12 @@ class Sandbox:
                     name, _, value = line.partition(" ")
                     if name == "oom_kill" and value.strip().isdigit():
                         found["oom_kills"] = int(value)
+        # The engine's word after ours: an inspect while an exec start is stuck would
+        # wait on it (and hold up the container's removal).
+        if not self._unanswered:
+            with contextlib.suppress(Exception):
+                self.container.reload()
+                found["oom_killed"] = bool(self.container.attrs["State"].get("OOMKilled"))
         return found
 
     def _oom_report(self) -> str:
@@ -1035,7 +1045,12 @@ class Sandbox:
         Read as the agent user (through the runner, like any user command), so it is
         what the agent itself would see; {} when the sandbox cannot answer.
         """
-        if self.container is None or not self._runner_python or not self.storage_volumes:
+        if (
+            self.container is None
+            or not self._runner_python
+            or not self.storage_volumes
+            or self._unanswered
+        ):
             return {}
         script = (
             "import json,os,sys\n"
@@ -1090,6 +1105,15 @@ class Sandbox:
             with contextlib.suppress(Exception):
                 obj.remove(force=True, v=True)
 
+        if self._unanswered and self._channel is not None:
+            # A runner that stopped answering may mean an agent stopping every process
+            # of its user, an exec's ``runc init`` included: the engine then waits on
+            # that exec and holds the removal up for minutes. The main process (root,
+            # its stdin ours alone) ends every other process, as for a kept sandbox; no
+            # exec, nothing the agent could have touched.
+            with contextlib.suppress(OSError):
+                self._channel.sendall(_KEEP)
+                time.sleep(0.5)
         # Container and sidecar go side by side; the volume once both are gone.
         boxes = [self.container, self.sidecar.container if self.sidecar else None]
         with ThreadPoolExecutor(max_workers=2) as pool:
