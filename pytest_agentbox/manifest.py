@@ -235,7 +235,7 @@ class Resources(BaseModel):
         if disk > _disk_room(self.memory_bytes):
             need = -(-(2 * disk + SHM_BYTES) * 4 // 3)
             room = _disk_room(self.memory_bytes)
-            lower = f"lower disk to at most {format_size(room)}" if room >= _MIN_DISK else ""
+            lower = f"lower disk to at most {room // 2**20}m" if room >= _MIN_DISK else ""
             raise ValueError(
                 f"disk {self.disk!r} with memory {self.memory!r}: the home and /tmp (each up "
                 "to disk) and /dev/shm (64m) are all held in memory, and full they would "

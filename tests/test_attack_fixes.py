@@ -155,7 +155,13 @@ def test_a_freezing_agent_delays_run_and_the_report_by_seconds(make_sandbox: Any
 
 @pytest.mark.parametrize(
     ("memory", "disk", "ok"),
-    [("1g", "352m", True), ("1g", "353m", False), ("256m", "64m", True), ("96m", "64m", False)],
+    [
+        ("1g", "352m", True),
+        ("1g", "353m", False),
+        ("256m", "64m", True),
+        ("96m", "64m", False),
+        ("4g", "2g", False),
+    ],
 )
 def test_disk_must_leave_a_quarter_of_the_memory(memory: str, disk: str, ok: bool) -> None:
     if ok:
@@ -166,9 +172,11 @@ def test_disk_must_leave_a_quarter_of_the_memory(memory: str, disk: str, ok: boo
                                                                     "disk": disk}}})  # fmt: skip
     text = str(exc.value)
     assert "raise memory to at least" in text and "2 * disk + 64m <= 3/4 of memory" in text
-    # What it says to raise memory to is enough.
+    # What it says to raise memory to, or lower disk to, is enough.
     need = text.split("raise memory to at least ", 1)[1].split()[0]
     assert Resources(memory=need, disk=disk).disk == disk
+    room = text.split("lower disk to at most ", 1)[1].split()[0]
+    assert Resources(memory=memory, disk=room).disk == room
 
 
 def test_the_default_disk_obeys_the_rule() -> None:

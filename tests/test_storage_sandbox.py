@@ -47,7 +47,7 @@ def test_disk_defaults_to_a_quarter_of_the_memory() -> None:
     assert Resources(memory="128m").disk_bytes == 16 * MIB
     assert Resources(memory="16m").disk_bytes == 1 * MIB
     assert Resources(memory="4g").disk_bytes == 1024 * MIB
-    assert Resources(memory="4g", disk="2G").disk_bytes == 2 * 1024 * MIB
+    assert Resources(memory="8g", disk="2G").disk_bytes == 2 * 1024 * MIB
     got = manifest_from_dict({"name": "a", "runtime": {"resources": {"disk": "64m"}}})
     assert got.runtime.resources.disk == "64m"
 
