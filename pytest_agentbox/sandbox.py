@@ -1089,6 +1089,16 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
+        if self._unanswered and self._channel is not None:
+            # A runner that stopped answering may mean an agent stopping every process
+            # of its user, an exec's ``runc init`` included: the engine then waits on
+            # that exec and holds the snapshot and removal up for minutes. The main
+            # process (root, its stdin ours alone) ends every other process, as for a
+            # kept sandbox (the in-memory home stays); no exec, nothing the agent could
+            # have touched.
+            with contextlib.suppress(OSError):
+                self._channel.sendall(_KEEP)
+                time.sleep(0.5)
         errors: list[str] = []
         store = self.config.state_store
         if self.container is not None and self.config.state_scope and store is not None:
@@ -1105,15 +1115,6 @@ class Sandbox:
             with contextlib.suppress(Exception):
                 obj.remove(force=True, v=True)
 
-        if self._unanswered and self._channel is not None:
-            # A runner that stopped answering may mean an agent stopping every process
-            # of its user, an exec's ``runc init`` included: the engine then waits on
-            # that exec and holds the removal up for minutes. The main process (root,
-            # its stdin ours alone) ends every other process, as for a kept sandbox; no
-            # exec, nothing the agent could have touched.
-            with contextlib.suppress(OSError):
-                self._channel.sendall(_KEEP)
-                time.sleep(0.5)
         # Container and sidecar go side by side; the volume once both are gone.
         boxes = [self.container, self.sidecar.container if self.sidecar else None]
         with ThreadPoolExecutor(max_workers=2) as pool:
