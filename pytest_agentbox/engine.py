@@ -157,6 +157,9 @@ class ExecOutput:
     stdout: bytes
     stderr: bytes
     dropped: tuple[int, int] = (0, 0)  # bytes of stdout, stderr past the output cap
+    # The exec was still running at its deadline: left running, exit_code -1, the
+    # output what came until then.
+    deadline_passed: bool = False
 
 
 def _frames(sock: Any) -> Iterator[tuple[int, bytes]]:
@@ -477,6 +480,85 @@ def _parse_ready(line: bytes) -> dict[str, Any]:
 MAX_OUTPUT = 16 * 1024 * 1024
 
 
+class _DeadlinePassed(Exception):
+    pass
+
+
+class _Bounded:
+    """A socket whose every wait ends by an absolute deadline (and each by ``idle``)."""
+
+    def __init__(self, sock: socket.socket, end: float | None, idle: float | None) -> None:
+        self.sock, self.end, self.idle = sock, end, idle
+
+    def _arm(self) -> None:
+        wait = self.idle
+        if self.end is not None:
+            left = self.end - time.monotonic()
+            if left <= 0:
+                raise _DeadlinePassed
+            wait = left if wait is None else min(wait, left)
+        self.sock.settimeout(wait)
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        self._arm()
+        try:
+            return fn(*args)
+        except TimeoutError:
+            if self.end is not None and time.monotonic() >= self.end:
+                raise _DeadlinePassed from None
+            raise
+
+    def recv(self, size: int) -> bytes:
+        return bytes(self._call(self.sock.recv, size))
+
+    def sendall(self, data: bytes) -> None:
+        self._call(self.sock.sendall, data)
+
+
+def exec_start_within(
+    seconds: float, *args: Any, **kwargs: Any
+) -> tuple[str, socket.socket] | None:
+    """:func:`exec_start`, or None when the engine has not started it within ``seconds``."""
+    return _start_by(time.monotonic() + seconds, *args, **kwargs)
+
+
+def _start_by(end: float | None, *args: Any, **kwargs: Any) -> tuple[str, socket.socket] | None:
+    """:func:`exec_start`, or None when it has not returned by ``end``.
+
+    The engine's own calls can stall too: the exec's ``runc init`` runs as the exec's
+    user in the container, where the agent can stop it, and the engine then holds the
+    next exec's create. A call past ``end`` is left to finish in its thread, which
+    closes what it got.
+    """
+    if end is None:
+        return exec_start(*args, **kwargs)
+    box: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def start() -> None:
+        try:
+            got = exec_start(*args, **kwargs)
+        except Exception as exc:
+            got, box["error"] = None, exc
+        with lock:
+            if box.get("abandoned") and got is not None:
+                with contextlib.suppress(OSError):
+                    got[1].close()
+            else:
+                box["started"] = got
+
+    worker = threading.Thread(target=start, name="agentbox-exec-start", daemon=True)
+    worker.start()
+    worker.join(max(0.0, end - time.monotonic()))
+    with lock:
+        if worker.is_alive():
+            box["abandoned"] = True
+            return None
+    if "error" in box:
+        raise box["error"]
+    return box["started"]  # type: ignore[no-any-return]
+
+
 def exec_run(
     client: Any,
     container_id: str,
@@ -487,39 +569,54 @@ def exec_run(
     env: Mapping[str, str | None] | None = None,
     workdir: str | None = None,
     timeout: float | None = 120.0,
+    deadline: float | None = None,
     max_output: int = MAX_OUTPUT,
 ) -> ExecOutput:
     """Run ``cmd`` to completion, feeding ``stdin`` if given; one round trip for output.
 
     Each stream keeps its first ``max_output`` bytes; ``dropped`` counts the rest.
+    ``timeout`` bounds each wait for output (TimeoutError past it); ``deadline`` bounds
+    the whole call in seconds, whatever the command prints: past it the exec is left
+    running and the result has ``deadline_passed`` set (a process in the container,
+    the agent's for one, can stop the command's runner; only the host's clock is sure).
     """
-    exec_id, sock = exec_start(
-        client, container_id, cmd, user=user, env=env, workdir=workdir, timeout=timeout
+    end = None if deadline is None else time.monotonic() + deadline
+    started = _start_by(
+        end, client, container_id, cmd, user=user, env=env, workdir=workdir, timeout=timeout
     )
+    if started is None:
+        return ExecOutput(-1, b"", b"", (0, 0), True)
+    exec_id, sock = started
+    bounded = _Bounded(sock, end, timeout)
     out, err = bytearray(), bytearray()
     dropped = [0, 0]
     try:
         if stdin:
-            sock.sendall(stdin)
+            bounded.sendall(stdin)
         sock.shutdown(socket.SHUT_WR)
-        for stream, data in _frames(sock):
+        for stream, data in _frames(bounded):
             buf, i = (err, 1) if stream == 2 else (out, 0)
             room = max_output - len(buf)
             if room > 0:
                 buf.extend(data[:room])
             dropped[i] += max(0, len(data) - max(room, 0))
+    except _DeadlinePassed:
+        return ExecOutput(-1, bytes(out), bytes(err), (dropped[0], dropped[1]), True)
     finally:
         sock.close()
-    return ExecOutput(exec_exit_code(client, exec_id), bytes(out), bytes(err), tuple(dropped))
+    # The stream ended: the engine's exit code follows, within what is left (some).
+    wait = 30.0 if end is None else min(30.0, max(2.0, end - time.monotonic()))
+    return ExecOutput(exec_exit_code(client, exec_id, wait=wait), bytes(out), bytes(err),
+                      (dropped[0], dropped[1]))  # fmt: skip
 
 
-def exec_exit_code(client: Any, exec_id: str) -> int:
+def exec_exit_code(client: Any, exec_id: str, *, wait: float = 30.0) -> int:
     """The exit code of a finished exec (polls: the engine may lag the stream's end).
 
     A busy engine (many parallel workers on few cores) can lag by seconds, hence the
-    generous deadline; -1 only if it never reports one.
+    generous default ``wait``; -1 if it reports none within it (or it still runs).
     """
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + wait
     pause = 0.005
     while True:
         info = client.api.exec_inspect(exec_id)
@@ -649,6 +746,7 @@ def start_daemon(
     *,
     stdin_prefix: bytes = b"",
     with_stderr: bool = False,
+    env: Mapping[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """Start a root tool that reads one JSON config line and answers with one ready line.
 
@@ -656,9 +754,10 @@ def start_daemon(
     tool keeps running after we detach. Returns the ready line ({} if none came); with
     ``with_stderr`` (a tool whose config holds no secret), when it is not ready, its
     ``error`` carries the tool's own stderr (see :func:`read_ready`).
-    ``stdin_prefix`` goes first (the tool's source, see :func:`tool_command`).
+    ``stdin_prefix`` goes first (the tool's source, see :func:`tool_command`); ``env``
+    as for :func:`exec_start` (None unsets a variable the image's ENV sets).
     """
-    _exec_id, sock = exec_start(client, container_id, cmd, user="0", timeout=30)
+    _exec_id, sock = exec_start(client, container_id, cmd, user="0", env=env, timeout=30)
     try:
         sock.sendall(stdin_prefix + json.dumps(config).encode() + b"\n")
         return read_ready(sock, with_stderr=with_stderr)

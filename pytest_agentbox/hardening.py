@@ -17,9 +17,10 @@ Steps, in order:
 4. write the CA bundle when extra CAs are given (the fake upstream's test CA);
 5. report the interpreter every later step runs (absolute, and only if root owns it and
    every directory above it, so nothing but root can swap it);
-6. remount ``/`` read-only, last: from here on the agent can write only to its home and
-   ``/tmp`` (size-capped tmpfs volumes, filled from the image's home in step 1) and the
-   engine's 64m ``/dev/shm``.
+6. remount the image's VOLUME directories read-only (the engine fills them from the
+   image onto the host's disk, outside every cap), then ``/``, last: from here on the
+   agent can write only to its home and ``/tmp`` (size-capped tmpfs volumes, filled
+   from the image's home in step 1) and the engine's 64m ``/dev/shm``.
 
 Every program it runs is named by absolute path, never found through PATH.
 """
@@ -155,6 +156,31 @@ def _read_only_root() -> dict:
         error = f"no mount program ({exc})"
     ok = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
     return {"root_readonly": ok, "root_readonly_error": "" if ok else (error or "not applied")}
+
+
+def _read_only_volumes(volumes: list) -> dict:
+    """Remount each of the image's VOLUMEs read-only, nosuid, nodev; read back each flag.
+
+    The engine fills them from the image onto the host's disk, outside every cap: the
+    agent may read what the image put there, never write (its home and /tmp are the
+    capped places). Like ``/``: a flag the agent, holding no capability, cannot clear.
+    """
+    mount = _program("mount")
+    writable = {}
+    for where in volumes:
+        if not os.path.isdir(where) or os.path.islink(where):
+            continue
+        error = ""
+        try:
+            proc = subprocess.run(
+                [mount, "-o", "remount,bind,ro,nosuid,nodev", where], capture_output=True
+            )
+            error = proc.stderr.decode("utf-8", "replace").strip()
+        except OSError as exc:
+            error = f"no mount program ({exc})"
+        if not os.statvfs(where).f_flag & os.ST_RDONLY:
+            writable[where] = error or "not applied"
+    return {"volumes_writable": writable}
 
 
 def _privileged_files(roots: list) -> list:
@@ -344,7 +370,10 @@ def main() -> int:
     result["python"] = os.path.realpath(sys.executable)
     result["python_unsafe"] = _root_only(sys.executable)
     result.update(_runner_python(opts["tools_dir"] + "-py", result["python"]))
+    # Names only (no values): the host judges them against the runner's loader list.
+    result["env_names"] = sorted(os.environ)
     if storage:
+        storage.update(_read_only_volumes(list(opts.get("volumes") or [])))
         storage.update(_read_only_root())
         result["storage"] = storage
     print(json.dumps(result))
@@ -382,6 +411,17 @@ def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
             f"({result['python_unsafe']}); every root step and the seccomp filter of user "
             "code start through it. Use an image whose python3 and its directories are "
             "root-owned and not group- or world-writable."
+        )
+    from .runner import is_loader_variable
+
+    loader = [n for n in result.get("env_names") or [] if is_loader_variable(n)]
+    if loader:
+        # The host unsets them for every root exec; one that still arrives means the
+        # engine passed the image's ENV through regardless: nothing here can be trusted.
+        raise HardeningError(
+            f"image {image!r}: loader variables ({', '.join(loader)}) reached the root setup "
+            "step although the host unsets them; the dynamic loader acts on them before any "
+            "of the step's code. Remove them from the image's ENV."
         )
     if not result.get("runner_python"):
         raise HardeningError(
@@ -423,6 +463,14 @@ def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
                 f"capped writable storage is {storage.get('home')!r} (the root file system is "
                 "read-only). Use an image whose user's home is /home/<user>, or another user "
                 "name (SandboxConfig.user)."
+            )
+        if storage.get("volumes_writable"):
+            where = ", ".join(f"{k} ({v})" for k, v in sorted(storage["volumes_writable"].items()))
+            raise HardeningError(
+                "sandbox hardening failed closed: the image's VOLUME directories could not "
+                f"be made read-only: {where}; the agent could write there past its storage "
+                "cap onto the host's disk. Remove the VOLUME lines from the image, or give "
+                "the sandbox CAP_SYS_ADMIN for its root setup step (the default)."
             )
         if not storage.get("root_readonly"):
             raise HardeningError(

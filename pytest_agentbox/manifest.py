@@ -109,7 +109,8 @@ _KNOWN_ENV_OWNER: dict[str, str] = {
 # ------------------------------------------------------------------------------ models
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
-_SIZE_RE = re.compile(r"^([0-9]+)([bkmg]?)$")
+# Matched whole (fullmatch), here and below: with ``$`` a trailing newline would pass.
+_SIZE_RE = re.compile(r"([0-9]+)([bkmg]?)")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _MIN_MEMORY = 16 * 1024**2
 
@@ -155,7 +156,7 @@ def _parse_size(value: Any, field: str, minimum: int) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{field} must be a size such as '512m' or '2g'")
     size = value.strip().lower()
-    match = _SIZE_RE.match(size)
+    match = _SIZE_RE.fullmatch(size)
     if not match:
         raise ValueError(f"{value!r} is not a size; use digits and one of b, k, m, g ('512m')")
     if int(match[1]) * _SIZE_UNITS[match[2]] < minimum:
@@ -164,7 +165,7 @@ def _parse_size(value: Any, field: str, minimum: int) -> str:
 
 
 def _size_bytes(size: str) -> int:
-    match = _SIZE_RE.match(size)
+    match = _SIZE_RE.fullmatch(size)
     assert match  # guaranteed by the validators
     return int(match[1]) * _SIZE_UNITS[match[2]]
 
@@ -177,13 +178,27 @@ def format_size(n: int) -> str:
     return f"{n}b"
 
 
+# The engine's /dev/shm: a tmpfs of its own the agent can fill, also held in memory.
+SHM_BYTES = 64 * 1024**2
+
+
+def _disk_room(memory: int) -> int:
+    """The largest disk cap for ``memory``: the home, /tmp and /dev/shm all full must
+    leave a quarter of the memory to the agent's processes (2 * disk + 64m <= 3/4)."""
+    return (memory * 3 // 4 - SHM_BYTES) // 2
+
+
 class Resources(BaseModel):
     """Container limits: memory (Docker size such as ``512m``), CPUs, process count, disk.
 
     ``disk`` caps each of the sandbox's writable places, the home and ``/tmp``
     (everything else is read-only). Both live in memory, so what is written there also
-    counts against ``memory``. Unset, it is a quarter of ``memory`` (256m of the default
-    1g): both places full still leave half the memory to the agent's processes.
+    counts against ``memory``, and so does the engine's 64m ``/dev/shm``: ``2 * disk +
+    64m`` may be at most three quarters of ``memory``, so that with every place full the
+    agent's processes still have a quarter (a full place then fails writes with "No
+    space left on device" instead of the kernel killing processes for memory). Unset,
+    ``disk`` is a quarter of ``memory`` (256m of the default 1g), less when that rule
+    needs it, at least 1m.
     """
 
     model_config = _FROZEN
@@ -206,13 +221,29 @@ class Resources(BaseModel):
 
     @model_validator(mode="after")
     def _disk_fits_memory(self) -> Resources:
-        # A cap above the memory limit could never be reached: the kernel would kill the
-        # writer for memory first, which reads as a crash instead of "disk full".
-        if self.disk is not None and _size_bytes(self.disk) > self.memory_bytes:
+        # A cap the memory cannot hold could never be reached: the kernel would kill
+        # processes for memory first, which reads as a crash instead of "disk full".
+        if self.disk is None:
+            return self
+        disk = _size_bytes(self.disk)
+        if disk > self.memory_bytes:
             raise ValueError(
                 f"disk {self.disk!r} is more than memory {self.memory!r}: the sandbox's home "
                 "and /tmp are in-memory file systems whose contents count against memory; "
                 "raise memory along with disk"
+            )
+        if disk > _disk_room(self.memory_bytes):
+            need = -(-(2 * disk + SHM_BYTES) * 4 // 3)
+            room = _disk_room(self.memory_bytes)
+            lower = f"lower disk to at most {room // 2**20}m" if room >= _MIN_DISK else ""
+            raise ValueError(
+                f"disk {self.disk!r} with memory {self.memory!r}: the home and /tmp (each up "
+                "to disk) and /dev/shm (64m) are all held in memory, and full they would "
+                "leave the agent's processes less than a quarter of it (the kernel would "
+                "kill them instead of writes failing with 'No space left on device'); "
+                f"raise memory to at least {-(-need // 2**20)}m"
+                + (f" or {lower}" if lower else "")
+                + " (rule: 2 * disk + 64m <= 3/4 of memory)"
             )
         return self
 
@@ -226,7 +257,8 @@ class Resources(BaseModel):
         """The cap of the home and of ``/tmp`` (each) in bytes, the default applied."""
         if self.disk is not None:
             return _size_bytes(self.disk)
-        return self.memory_bytes // 4
+        room = _disk_room(self.memory_bytes) // _MIN_DISK * _MIN_DISK
+        return max(_MIN_DISK, min(self.memory_bytes // 4, room))
 
 
 class Runtime(BaseModel):
@@ -275,7 +307,7 @@ class Permissions(BaseModel):
         return rules
 
 
-_PROVIDER_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+_PROVIDER_RE = re.compile(r"[a-z][a-z0-9-]*")
 
 
 class KeyRequirement(BaseModel):
@@ -303,7 +335,7 @@ class KeyRequirement(BaseModel):
     @field_validator("provider")
     @classmethod
     def _provider(cls, value: str) -> str:
-        if not _PROVIDER_RE.match(value):
+        if not _PROVIDER_RE.fullmatch(value):
             raise ValueError(
                 f"{value!r} is not a provider name; use lower-case letters, digits and '-', "
                 "starting with a letter (no '_')"
@@ -345,7 +377,7 @@ class KeyRequirement(BaseModel):
         return env, base
 
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
 
 class Manifest(BaseModel):
@@ -365,7 +397,7 @@ class Manifest(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
+        if not _NAME_RE.fullmatch(value):
             raise ValueError(
                 f"{value!r} is not an agent name; use lower-case letters, digits, '.', '_' "
                 "and '-', starting with a letter or digit"

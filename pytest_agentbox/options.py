@@ -29,6 +29,7 @@ from typing import Any, Literal
 from .errors import AgentboxError
 
 __all__ = [
+    "MAX_SECONDS",
     "OPTIONS",
     "Option",
     "OptionError",
@@ -48,8 +49,12 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 _SIZE_RE = re.compile(r"^(\d+)([bkmg]?)$")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 # A leading '-' would be read as an option by anything that shells out.
-_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
-_RUNTIME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Matched whole (fullmatch): with ``$`` a trailing newline would pass.
+_IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")
+_RUNTIME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The longest time limit taken (7 days): far past any test, and well inside what a
+# socket timeout or an interval timer can hold (1e12 s overflows them).
+MAX_SECONDS = 7 * 24 * 3600.0
 _LIST_SPLIT = re.compile(r"[\s,]+")
 
 # The manifest's ``runtime.isolation`` names, and the Docker runtime each one means.
@@ -62,14 +67,14 @@ class OptionError(AgentboxError):
 
 def check_image_ref(value: str) -> str:
     """``value`` if it is a Docker image reference such as ``python:3.12``, else ValueError."""
-    if not _IMAGE_RE.match(value):
+    if not _IMAGE_RE.fullmatch(value):
         raise ValueError(f"{value!r} is not a Docker image reference such as 'python:3.12'")
     return value
 
 
 def check_runtime_name(value: str) -> str:
     """``value`` if it can name a Docker runtime (``runc``, ``runsc``), else ValueError."""
-    if not _RUNTIME_RE.match(value):
+    if not _RUNTIME_RE.fullmatch(value):
         raise ValueError(
             f"{value!r} is not a Docker runtime name such as 'runsc' or 'runc' "
             "(letters, digits, '.', '_', '-'; at most 64)"
@@ -88,7 +93,8 @@ class Option:
 
     ``allowed`` says in words what a valid value is (it ends every error message);
     ``minimum`` bounds numbers from below (``> minimum`` for floats, ``>= minimum`` for
-    ints and sizes); ``check`` validates strings and may normalise them.
+    ints and sizes), ``maximum`` from above (``<=``); ``check`` validates strings and
+    may normalise them.
     """
 
     name: str
@@ -98,6 +104,7 @@ class Option:
     marker: bool = False
     allowed: str = ""
     minimum: float | None = None
+    maximum: float | None = None
     check: Callable[[str], str] | None = None
     default_doc: str = ""
 
@@ -182,7 +189,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "timeout", "float", 300.0, "default timeout of sandbox.run, seconds", marker=True,
-        minimum=0, allowed="a number of seconds greater than 0",
+        minimum=0, maximum=MAX_SECONDS,
+        allowed="a number of seconds greater than 0 and at most 604800 (7 days)",
     ),
     Option(
         "state-max-mb", "float", 1024.0, "cap on one persisted state's total size, MB",
@@ -194,7 +202,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "state-max-seconds", "float", 120.0, "time limit of one state snapshot or restore, s",
-        minimum=0, allowed="a number of seconds greater than 0",
+        minimum=0, maximum=MAX_SECONDS,
+        allowed="a number of seconds greater than 0 and at most 604800 (7 days)",
     ),
     Option(
         "fake-upstream-domains", "linelist", [],
@@ -303,6 +312,8 @@ def _number(opt: Option, raw: Any, origin: str) -> float | int:
         raise _fail(opt, raw, origin, "is not a finite number")
     low = opt.minimum
     if low is not None and (value <= low if opt.kind == "float" else value < low):
+        raise _fail(opt, raw, origin, "is out of range")
+    if opt.maximum is not None and value > opt.maximum:
         raise _fail(opt, raw, origin, "is out of range")
     return float(value) if opt.kind == "float" else value
 

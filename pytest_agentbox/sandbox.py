@@ -41,6 +41,7 @@ from . import engine, hardening, paths
 from .engine import DEFAULT_IMAGE
 from .errors import AgentboxError, HardeningError, KeyProxyError, SetupCommandFailed
 from .manifest import KeyRoute, Resources, format_size
+from .options import MAX_SECONDS
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -76,6 +77,56 @@ FORWARDED_ENV = (
 # agent's processes when a failing sandbox is kept. User processes never hold them:
 # non-root + no-new-privileges clears them.
 HARDENING_CAPS = ("SYS_ADMIN", "CHOWN", "FOWNER", "KILL")
+
+# The host's own clock on every user exec: the runner enforces a command's limit, but
+# the agent can stop the runner (kill -STOP $PPID). Past the limit plus this grace (the
+# runner's own kill of a fork bomb may take 10 s) the host stops waiting and says so.
+RUNNER_GRACE = 15.0
+# The overall budget of a teardown read that execs as the user (storage use, memory
+# events): a frozen sandbox delays a failure report by seconds, not minutes.
+TEARDOWN_BUDGET = 5.0
+# The longest command time limit taken (7 days), the options' own bound: a socket
+# timeout or interval timer cannot hold 1e12 s.
+MAX_TIMEOUT = MAX_SECONDS
+
+
+def check_cap_add(caps: Any) -> tuple[str, ...]:
+    """``caps`` as a tuple if every one is among :data:`HARDENING_CAPS`, else AgentboxError.
+
+    Only root's setup steps hold these (user processes never do), but the engine widens
+    its seccomp profile for each added capability, and the user filter takes back only
+    what the hardening set opens: nothing else may be added.
+    """
+    if isinstance(caps, str) or not isinstance(caps, Sequence):
+        raise AgentboxError(
+            f"cap_add {caps!r} is not a list of capability names; allowed: a subset of "
+            f"{list(HARDENING_CAPS)}"
+        )
+    names = tuple(str(c).upper().removeprefix("CAP_") for c in caps)
+    extra = sorted({n for n in names if n not in HARDENING_CAPS})
+    if extra or any(not isinstance(c, str) for c in caps):
+        raise AgentboxError(
+            f"cap_add {list(caps)!r} is refused: only the hardening set "
+            f"{list(HARDENING_CAPS)} (or a subset) may be added. Root's setup steps need "
+            "exactly these, user code never holds any, and each extra one widens the "
+            "engine's seccomp profile beyond what the sandbox's own filter takes back."
+        )
+    return names
+
+
+def check_timeout(value: Any, what: str = "timeout") -> float:
+    """``value`` as seconds if it is a finite number in (0, MAX_TIMEOUT], else ValueError."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} {value!r} is not a number of seconds")
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise ValueError(
+            f"{what} {value!r} is out of range: a number of seconds greater than 0 and at "
+            f"most {MAX_TIMEOUT:g} (7 days)"
+        )
+    return float(value)
+
 
 _PATH = ":".join(engine.SYSTEM_DIRS)
 
@@ -132,6 +183,9 @@ _SETID_SCANS: dict[str, list[str]] = {}
 # per process from a never-started container, then copied into every sandbox's home.
 _HOME_SEEDS: dict[tuple[str, str], str] = {}
 
+# id(client) -> the engine's MemTotal in bytes (0: unknown), asked once per client.
+_MEM_TOTAL: dict[int, int] = {}
+
 
 @dataclass(frozen=True)
 class CommandResult:
@@ -185,6 +239,11 @@ class SandboxConfig:
     host_env: Mapping[str, str] | None = None  # defaults to os.environ
     progress: Callable[[str], None] | None = None
 
+    def __post_init__(self) -> None:
+        self.cap_add = check_cap_add(self.cap_add)
+        self.timeout = check_timeout(self.timeout)
+        self.setup_timeout = check_timeout(self.setup_timeout, "setup_timeout")
+
 
 @dataclass
 class Step:
@@ -206,6 +265,10 @@ class Sandbox:
         self._python = ""  # the image's python3, absolute, checked root-owned by hardening
         self._runner_python = ""  # its execute-only copy, which user commands start from
         self._user_code_ran = False
+        # A user exec passed its deadline: the agent may be stopping our processes. The
+        # engine then holds the container's exec list for the stuck start, and an
+        # inspect would wait on it and hold up removal: teardown reads skip.
+        self._unanswered = False
         self.hardening: dict[str, Any] = {}
         self.user: dict[str, Any] = {"name": config.user, "uid": config.uid, "gid": config.uid}
         self.home = f"/home/{config.user}"
@@ -240,6 +303,10 @@ class Sandbox:
         ``on_created`` receives the sandbox before any step runs, so a caller's teardown
         can find it (and its report sections) even when setup fails.
         """
+        # Again here: a field assigned after construction never went through the checks.
+        config.cap_add = check_cap_add(config.cap_add)
+        check_timeout(config.timeout)
+        check_timeout(config.setup_timeout, "setup_timeout")
         client = client or engine.get_client()
         sb = cls(config, client)
         if on_created is not None:
@@ -333,8 +400,15 @@ class Sandbox:
         would show the empty volume), once per image and process.
         """
         key = (str(self.container.attrs.get("Image", "")), self._storage_home)
-        if key in _HOME_SEEDS:
-            return _HOME_SEEDS[key]
+        if key not in _HOME_SEEDS:
+            _HOME_SEEDS[key] = self._read_home_seed(owner, key)
+        seed = _HOME_SEEDS[key]
+        # The tar (its headers too) a little over what the files need: a fair test of fit.
+        if len(seed) // 4 * 3 > self.config.resources.disk_bytes:
+            raise AgentboxError(self._too_big(f"its {key[1]}"))
+        return seed
+
+    def _read_home_seed(self, owner: paths.Owner, key: tuple[str, str]) -> str:
         with self._step("read image home"):
             probe = self._client.containers.create(
                 key[0], entrypoint=["/bin/true"], command=[], network_mode="none",
@@ -356,8 +430,7 @@ class Sandbox:
                 "in-memory home. Install large things outside the home (e.g. /opt or "
                 "/usr/local) in the image."
             )
-        _HOME_SEEDS[key] = seed = base64.b64encode(data).decode()
-        return seed
+        return base64.b64encode(data).decode()
 
     def _harden(self, seed: str) -> dict[str, Any]:
         image_id = str(self.container.attrs.get("Image", ""))
@@ -424,7 +497,8 @@ class Sandbox:
             )  # fmt: skip
             self.storage_volumes.append(vol)
             volumes[vol.name] = {"bind": where, "mode": "rw"}
-        self.container = self._client.containers.create(
+        self._check_memory()
+        self.container = self._create(
             cfg.image,
             # Neither the image's ENTRYPOINT nor its HEALTHCHECK may run: both would run
             # as root, the health check periodically, after user code.
@@ -454,6 +528,48 @@ class Sandbox:
         self._register()
         self._channel = engine.attach(self._client, self.container.id)
         self.container.start()
+
+    def _create(self, image: str, **kwargs: Any) -> Any:
+        """``containers.create``, its out-of-space error said in terms of the cap.
+
+        The engine copies the image's files at each volume's path into the new volume
+        at create time (the copy is then hidden by the tmpfs): an image home or /tmp
+        larger than the cap fails that copy.
+        """
+        try:
+            return self._client.containers.create(image, **kwargs)
+        except Exception as exc:
+            if "no space left on device" not in str(exc).lower():
+                raise
+            raise AgentboxError(self._too_big(f"its {self._storage_home} or /tmp")) from None
+
+    def _too_big(self, what: str) -> str:
+        cap = format_size(self.config.resources.disk_bytes)
+        return (
+            f"image {self.config.image!r}: {what} holds more than the sandbox's {cap} disk "
+            "cap, so it does not fit into the sandbox's in-memory home. Raise "
+            "resources.disk (and memory with it: the home is held in memory), or install "
+            "large things outside the home (e.g. /opt or /usr/local) in the image."
+        )
+
+    def _check_memory(self) -> None:
+        """Refuse a memory limit above the engine's whole memory (clear, before create)."""
+        want = self.config.resources.memory_bytes
+        key = id(self._client)
+        if key not in _MEM_TOTAL:
+            try:
+                _MEM_TOTAL[key] = int(self._client.info().get("MemTotal") or 0)
+            except Exception:  # no figure: the engine enforces what it can
+                _MEM_TOTAL[key] = 0
+        total = _MEM_TOTAL[key]
+        if total and want > total:
+            raise AgentboxError(
+                f"resources.memory {self.config.resources.memory!r} is more than the Docker "
+                f"engine's whole memory ({format_size(total)}): the limit could never be "
+                "reached, and the sandbox's in-memory home and /tmp could take the host's "
+                f"memory. Lower resources.memory to at most {format_size(total)} (and disk "
+                "with it)."
+            )
 
     def _register(self) -> None:
         with _LIVE_LOCK:
@@ -500,15 +616,27 @@ class Sandbox:
         if self._user_code_ran:
             raise AgentboxError("refusing to run as root in the sandbox after user code ran")
 
+    def _root_env(self) -> dict[str, str | None]:
+        """Every loader variable of the image's ENV unset (None) for a root exec: the
+        loader would act on LD_PRELOAD and friends before the step's own code."""
+        from .runner import is_loader_variable
+
+        names = (v.split("=", 1)[0] for v in self._container_env())
+        return {name: None for name in names if is_loader_variable(name)}
+
     def _root_exec(self, cmd: list[str], stdin: bytes | None = None) -> engine.ExecOutput:
         self._refuse_root_after_user_code()
-        return engine.exec_run(self._client, self.container.id, cmd, user="0", stdin=stdin)
+        return engine.exec_run(
+            self._client, self.container.id, cmd, user="0", stdin=stdin, env=self._root_env()
+        )
 
     def _root_daemon(self, cmd: list[str], config: Mapping[str, Any]) -> dict[str, Any]:
         # The same guard as every root exec: a daemon is a root process that stays.
         self._refuse_root_after_user_code()
         # with_stderr: the forwarder's config holds socket paths only, no secret.
-        return engine.start_daemon(self._client, self.container.id, cmd, config, with_stderr=True)
+        return engine.start_daemon(
+            self._client, self.container.id, cmd, config, with_stderr=True, env=self._root_env()
+        )
 
     def _root_json(self, cmd: list[str], stdin: bytes | None = None) -> dict[str, Any]:
         out = self._root_exec(cmd, stdin)
@@ -680,16 +808,29 @@ class Sandbox:
         stdin: bytes | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
-        timeout: float | None = None,
+        deadline: float,
     ) -> engine.ExecOutput:
+        """One runner exec as the user, given up ``deadline`` seconds after it starts.
+
+        The runner enforces a command's own limit, but the agent can stop the runner:
+        only the host's clock is sure. Past the deadline the exec is left running (no
+        root exec may end it: user code has run) and the output says so.
+        """
         self._user_code_ran = True
-        # The runner enforces the command's own limit; the socket only guards against an
-        # engine that never answers (a silent command may run as long as its limit).
-        return engine.exec_run(
+        out = engine.exec_run(
             self._client, self.container.id, argv, user=self.user_spec,
             env=self._user_env(env), workdir=cwd or self.workdir, stdin=stdin,
-            timeout=None if timeout is None else timeout + 60,
+            timeout=None, deadline=deadline,
         )  # fmt: skip
+        self._unanswered |= out.deadline_passed
+        return out
+
+    def _stalled(self, what: str, seconds: float) -> str:
+        return (
+            f"agentbox: the sandbox's runner stopped answering: {what} gave no result within "
+            f"{seconds:g}s (the agent may have stopped it, e.g. with kill -STOP); the host "
+            "stopped waiting, and its processes may run on until the sandbox is removed"
+        )
 
     def _user_command(
         self,
@@ -703,7 +844,7 @@ class Sandbox:
         else:
             argv = [str(a) for a in command]
             text = shlex.join(argv)
-        limit = self.config.timeout if timeout is None else timeout
+        limit = self.config.timeout if timeout is None else check_timeout(timeout)
         return text, self._user_argv("run", str(limit), *argv), limit
 
     def run(
@@ -723,8 +864,11 @@ class Sandbox:
         """
         text, cmd, limit = self._user_command(command, timeout=timeout)
         start = time.monotonic()
-        out = self._user_exec(cmd, env=env, cwd=cwd, timeout=limit)
+        out = self._user_exec(cmd, env=env, cwd=cwd, deadline=limit + RUNNER_GRACE)
         texts = [b.decode("utf-8", "replace") for b in (out.stdout, out.stderr)]
+        if out.deadline_passed:
+            texts[1] += "\n" + self._stalled(f"a command with a {limit:g}s limit",
+                                             limit + RUNNER_GRACE) + "\n"  # fmt: skip
         for i, n in enumerate(out.dropped):
             if n:
                 name = ("stdout", "stderr")[i]
@@ -732,16 +876,22 @@ class Sandbox:
         stdout, stderr = texts
         result = CommandResult(
             command=text,
-            exit_code=out.exit_code,
+            exit_code=124 if out.deadline_passed else out.exit_code,
             stdout=stdout,
             stderr=stderr,
             duration=time.monotonic() - start,
-            timed_out=out.exit_code == 124 and b"agentbox: command timed out" in out.stderr,
+            timed_out=out.deadline_passed
+            or (out.exit_code == 124 and b"agentbox: command timed out" in out.stderr),
             stdout_dropped=out.dropped[0],
             stderr_dropped=out.dropped[1],
         )
-        self.history.append(_for_history(result))
+        self.history.append(_for_history(result, self._history_margin()))
         return result
+
+    def _history_margin(self) -> int:
+        """Bytes dropped after a history cut: more than any form of any secret here."""
+        longest = max([len(k) for k in self.config.keys.values()] + [len(self._token)])
+        return LEAK_FORM_FACTOR * longest + 8
 
     def spawn(
         self,
@@ -754,22 +904,35 @@ class Sandbox:
         """Start a long-running process that speaks newline-delimited JSON on stdin/stdout."""
         text, cmd, _limit = self._user_command(command, timeout=timeout)
         self._user_code_ran = True
-        exec_id, sock = engine.exec_start(
-            self._client, self.container.id, cmd, user=self.user_spec,
+        started = engine.exec_start_within(
+            RUNNER_GRACE, self._client, self.container.id, cmd, user=self.user_spec,
             env=self._user_env(env), workdir=cwd or self.workdir,
         )  # fmt: skip
-        return Spawned(self, text, exec_id, sock)
+        if started is None:
+            raise AgentboxError(self._stalled(f"spawn({text!r})", RUNNER_GRACE))
+        return Spawned(self, text, *started)
+
+    @property
+    def _io_deadline(self) -> float:
+        return self.config.timeout + RUNNER_GRACE
+
+    def _raise_if_stalled(self, out: engine.ExecOutput, what: str) -> None:
+        if out.deadline_passed:
+            raise AgentboxError(self._stalled(what, self._io_deadline))
 
     def write_file(self, path: str, data: bytes | str) -> None:
         """Write ``data`` to ``path`` as the user (relative paths are under the code dir)."""
         raw = data.encode() if isinstance(data, str) else data
-        out = self._user_exec(self._user_argv("write", path), stdin=raw)
+        out = self._user_exec(self._user_argv("write", path), stdin=raw, deadline=self._io_deadline)
+        self._raise_if_stalled(out, f"write_file({path!r})")
         if out.exit_code != 0:
             raise AgentboxError(f"write_file({path!r}) failed: {out.stderr.decode().strip()}")
 
     def read_file(self, path: str) -> bytes:
         """Read ``path`` as the user; raises FileNotFoundError or PermissionError like open()."""
-        out = self._user_exec(self._user_argv("run", str(self.config.timeout), "cat", "--", path))
+        argv = self._user_argv("run", str(self.config.timeout), "cat", "--", path)
+        out = self._user_exec(argv, deadline=self._io_deadline)
+        self._raise_if_stalled(out, f"read_file({path!r})")
         if out.dropped[0]:
             raise AgentboxError(
                 f"read_file({path!r}): larger than the {engine.MAX_OUTPUT // 2**20} MiB a read "
@@ -792,7 +955,9 @@ class Sandbox:
         data = engine.tar_directory(
             Path(local_dir), uid=self.user["uid"], gid=self.user["gid"], skip=set()
         )
-        out = self._user_exec(self._user_argv("extract", target), stdin=data)
+        out = self._user_exec(self._user_argv("extract", target), stdin=data,
+                              deadline=self._io_deadline)  # fmt: skip
+        self._raise_if_stalled(out, f"upload into {target}")
         if out.exit_code != 0:
             raise AgentboxError(
                 f"upload into {target} failed as the sandbox user: "
@@ -830,8 +995,56 @@ class Sandbox:
                     )
         if full := self._storage_full():
             logs["storage"] = full
+        if oom := self._oom_report():
+            logs["memory"] = oom
         self.logs = logs
         return logs
+
+    def memory_events(self) -> dict[str, Any]:
+        """Out-of-memory kills seen so far: ``oom_killed`` (the engine's word: the
+        container itself ended for memory) and ``oom_kills`` (processes the kernel killed
+        in the sandbox's memory cgroup, read as the user; None when it cannot tell).
+
+        {} once the container is gone; nothing is asked of a sandbox whose runner
+        stopped answering (both then stay unknown: False and None).
+        """
+        if self.container is None:
+            return {}
+        found: dict[str, Any] = {"oom_killed": False, "oom_kills": None}
+        if self._runner_python and not self._unanswered:
+            argv = ["/bin/cat", "/sys/fs/cgroup/memory/memory.oom_control"]
+            with contextlib.suppress(Exception):
+                limit = str(TEARDOWN_BUDGET)
+                out = self._user_exec(self._user_argv("run", limit, *argv),
+                                      deadline=TEARDOWN_BUDGET)  # fmt: skip
+                for line in out.stdout.decode(errors="replace").splitlines()[:16]:
+                    name, _, value = line.partition(" ")
+                    if name == "oom_kill" and value.strip().isdigit():
+                        found["oom_kills"] = int(value)
+        # The engine's word after ours: an inspect while an exec start is stuck would
+        # wait on it (and hold up the container's removal).
+        if not self._unanswered:
+            with contextlib.suppress(Exception):
+                self.container.reload()
+                found["oom_killed"] = bool(self.container.attrs["State"].get("OOMKilled"))
+        return found
+
+    def _oom_report(self) -> str:
+        """What the kernel killed for memory, for the report ("" when nothing)."""
+        events = self.memory_events()
+        mem = self.config.resources.memory
+        if events.get("oom_killed"):
+            return (
+                f"memory: the sandbox was killed for memory ({mem} limit). Raise "
+                "resources.memory (the home and /tmp count against it too)."
+            )
+        if events.get("oom_kills"):
+            return (
+                f"memory: the kernel killed {events['oom_kills']} process(es) in the sandbox "
+                f"for memory ({mem} limit; files in the home, /tmp and /dev/shm count "
+                "against it). Raise resources.memory."
+            )
+        return ""
 
     def storage_usage(self) -> dict[str, tuple[int, int]]:
         """Bytes used and the cap, per writable place (the home and ``/tmp``).
@@ -839,7 +1052,12 @@ class Sandbox:
         Read as the agent user (through the runner, like any user command), so it is
         what the agent itself would see; {} when the sandbox cannot answer.
         """
-        if self.container is None or not self._runner_python or not self.storage_volumes:
+        if (
+            self.container is None
+            or not self._runner_python
+            or not self.storage_volumes
+            or self._unanswered
+        ):
             return {}
         script = (
             "import json,os,sys\n"
@@ -850,7 +1068,8 @@ class Sandbox:
         )
         argv = [self._runner_python, "-I", "-S", "-c", script, self.home, "/tmp"]
         try:
-            out = self._user_exec(self._user_argv("run", "30", *argv), timeout=30)
+            limit = str(TEARDOWN_BUDGET)
+            out = self._user_exec(self._user_argv("run", limit, *argv), deadline=TEARDOWN_BUDGET)
             found = json.loads(out.stdout.decode()[:4096])
             return {str(k): (int(v[0]), int(v[1])) for k, v in found.items()}
         except Exception:  # the agent's user could have broken it: a report, not a verdict
@@ -877,6 +1096,16 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
+        if self._unanswered and self._channel is not None:
+            # A runner that stopped answering may mean an agent stopping every process
+            # of its user, an exec's ``runc init`` included: the engine then waits on
+            # that exec and holds the snapshot and removal up for minutes. The main
+            # process (root, its stdin ours alone) ends every other process, as for a
+            # kept sandbox (the in-memory home stays); no exec, nothing the agent could
+            # have touched.
+            with contextlib.suppress(OSError):
+                self._channel.sendall(_KEEP)
+                time.sleep(0.5)
         errors: list[str] = []
         store = self.config.state_store
         if self.container is not None and self.config.state_scope and store is not None:
@@ -946,20 +1175,33 @@ class Sandbox:
         return f"<Sandbox {cid} image={self.config.image!r}>"
 
 
-def _tail_text(text: str, limit: int) -> tuple[str, int]:
-    """The end of ``text`` within ``limit`` UTF-8 bytes, and how many bytes were cut."""
+# The longest spelling of a secret the report's redactor knows, per character of it:
+# base64 of a JSON text whose every character is a \u00XX escape (6 * 4/3).
+LEAK_FORM_FACTOR = 8
+
+
+def _tail_text(text: str, limit: int, margin: int = 0) -> tuple[str, int]:
+    """The end of ``text`` within ``limit`` UTF-8 bytes, and how many bytes were cut.
+
+    When it cuts, ``margin`` more bytes go after the cut: whatever part of a secret the
+    cut left at the start is shorter than that, so no remnant the redactor could not
+    recognise stays behind.
+    """
     data = text.encode()
     if len(data) <= limit:
         return text, 0
-    tail = data[-limit:].decode("utf-8", "ignore")
+    tail = data[-limit:][margin:].decode("utf-8", "ignore")
     return tail, len(data) - len(tail.encode())
 
 
-def _for_history(result: CommandResult) -> CommandResult:
-    """``result`` as the history keeps it: each stream's tail, cuts counted and marked."""
+def _for_history(result: CommandResult, margin: int = 0) -> CommandResult:
+    """``result`` as the history keeps it: each stream's tail, cuts counted and marked.
+
+    ``margin``: at least the longest form any secret of the sandbox leaks in.
+    """
     limit = HISTORY_BYTES // (2 * HISTORY_LENGTH)
-    out, cut_out = _tail_text(result.stdout, limit)
-    err, cut_err = _tail_text(result.stderr, limit)
+    out, cut_out = _tail_text(result.stdout, limit, margin)
+    err, cut_err = _tail_text(result.stderr, limit, margin)
     if not (cut_out or cut_err):
         return result
 
@@ -1083,16 +1325,21 @@ class Spawned:
         return self._stderr.decode("utf-8", "replace")
 
     def close(self, timeout: float = 10.0) -> int:
-        """Close stdin, wait for the process to end; returns its exit code."""
+        """Close stdin, wait up to ``timeout`` for the process to end; its exit code, or -1
+        when it has not ended by then (it is left running)."""
         with self._cond:
             self._closing = True  # a reader waiting for room drops the rest instead
             self._cond.notify_all()
         with contextlib.suppress(OSError):
             self._sock.shutdown(1)
         self._reader.join(timeout)
+        ended = not self._reader.is_alive()
         with contextlib.suppress(OSError):
             self._sock.close()
-        return engine.exec_exit_code(self.sandbox._client, self._exec_id)
+        # Output still open after ``timeout``: the process runs on (or its runner was
+        # stopped by the agent); one look, no 30 s wait for an exit that is not coming.
+        wait = 30.0 if ended else 0.0
+        return engine.exec_exit_code(self.sandbox._client, self._exec_id, wait=wait)
 
     def __enter__(self) -> Spawned:
         return self

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import cleanup, engine, paths
 from .engine import DEFAULT_IMAGE
-from .errors import KeyMissing, ManifestError
+from .errors import AgentboxError, KeyMissing, ManifestError
 from .options import OptionError, Settings, isolation_runtime, marker_keys
 from .options import resolve as resolve_options
 
@@ -353,7 +353,12 @@ class RunState:
             run_id=self.run_id,
         )
         if "cap_add" in rest:
-            config.cap_add = tuple(rest["cap_add"])
+            from .sandbox import check_cap_add
+
+            try:  # only the hardening set: anything else widens the engine's seccomp profile
+                config.cap_add = check_cap_add(rest["cap_add"])
+            except AgentboxError as exc:
+                raise ManifestError(f"{item.nodeid}: {exc}") from None
         return config
 
     def _keys_for(self, routes: list[Any], vault: Any) -> dict[str, str]:

@@ -43,9 +43,11 @@ def host_free(docker_client: Any) -> int:
 
 def test_disk_defaults_to_a_quarter_of_the_memory() -> None:
     assert Resources().disk is None and Resources().disk_bytes == 256 * MIB
-    assert Resources(memory="16m").disk_bytes == 4 * MIB
+    # Less where a quarter would let the full places squeeze the processes (2d+64m<=3/4).
+    assert Resources(memory="128m").disk_bytes == 16 * MIB
+    assert Resources(memory="16m").disk_bytes == 1 * MIB
     assert Resources(memory="4g").disk_bytes == 1024 * MIB
-    assert Resources(memory="4g", disk="2G").disk_bytes == 2 * 1024 * MIB
+    assert Resources(memory="8g", disk="2G").disk_bytes == 2 * 1024 * MIB
     got = manifest_from_dict({"name": "a", "runtime": {"resources": {"disk": "64m"}}})
     assert got.runtime.resources.disk == "64m"
 
@@ -119,9 +121,9 @@ def test_writing_past_the_cap_fails_and_the_host_disk_is_untouched(
 
 
 def test_what_the_home_holds_counts_against_memory(make_sandbox: Any) -> None:
-    sb = make_sandbox(resources=Resources(memory="96m", disk="64m"))
-    grab = "python3 -c 'b = bytearray(48 * 2**20); b[::4096] = b\"x\" * len(b[::4096])'"
-    assert sb.run(grab).ok  # 48m for a process fits in 96m...
+    sb = make_sandbox(resources=Resources(memory="256m", disk="64m"))
+    grab = "python3 -c 'b = bytearray(200 * 2**20); b[::4096] = b\"x\" * len(b[::4096])'"
+    assert sb.run(grab).ok  # 200m for a process fits in 256m...
     assert sb.run("dd if=/dev/zero of=$HOME/f bs=1M count=60 2>/dev/null").ok
     assert not sb.run(grab).ok  # ...but not beside 60m of files: the kernel kills it
     assert sb.run(f"rm $HOME/f && {grab}").ok
