@@ -11,10 +11,12 @@ import io
 import json
 import os
 import socket
+import ssl
 import struct
 import tarfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,26 +33,66 @@ _images_seen: set[str] = set()
 def get_client() -> Any:
     """The process's docker client, created and pinged on first use.
 
+    Configured like the docker CLI: ``DOCKER_HOST`` (``unix://``, ``tcp://``, ``ssh://``),
+    and for TLS ``DOCKER_TLS_VERIFY`` and ``DOCKER_CERT_PATH`` (``ca.pem``, ``cert.pem``,
+    ``key.pem``). The engine's CA from ``DOCKER_CERT_PATH`` is the only one its
+    certificate is checked against, whatever ``REQUESTS_CA_BUNDLE`` says.
+
     Raises :class:`DockerUnavailable` with the fix when no engine answers.
     """
     global _client
     if _client is not None:
         return _client
-    import docker  # imported lazily: collection and --help must not need it
-    from docker.errors import DockerException
+    from docker.errors import DockerException  # lazily: collection and --help must not need it
 
     try:
-        client = docker.from_env(timeout=120)
+        client = _client_class().from_env(timeout=120)
         client.ping()
     except (DockerException, OSError) as exc:
         where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
         raise DockerUnavailable(
-            f"no Docker engine answers at {where} ({type(exc).__name__}). Start Docker "
-            "(e.g. `sudo systemctl start docker` or `dockerd &`), or set DOCKER_HOST. "
-            "Without --agentbox-require-docker, sandbox tests are skipped instead."
+            f"no Docker engine answers at {where} ({type(exc).__name__}{_tls_hint(exc)}). "
+            "Start Docker (e.g. `sudo systemctl start docker` or `dockerd &`), or set "
+            "DOCKER_HOST. Without --agentbox-require-docker, sandbox tests are skipped instead."
         ) from None
     _client = client
     return client
+
+
+def _tls_hint(exc: BaseException) -> str:
+    """What to check when the engine's TLS handshake failed (nothing otherwise)."""
+    if "TLS" in type(exc).__name__ or "SSL" in str(exc):
+        return (
+            ": TLS failed; DOCKER_CERT_PATH must hold the engine's ca.pem and a client "
+            "cert.pem/key.pem, with DOCKER_TLS_VERIFY=1"
+        )
+    return ""
+
+
+@functools.cache
+def _client_class() -> Any:
+    """``docker.DockerClient`` whose HTTP session keeps the engine's own CA.
+
+    requests lets ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` replace a session's CA on
+    every request (psf/requests#3829): with either set (common on CI machines) no
+    TLS engine verifies, or worse, one signed by a public CA would be trusted instead.
+    """
+    import docker
+
+    class EngineAPI(docker.APIClient):  # type: ignore[misc]
+        def merge_environment_settings(
+            self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
+        ) -> Any:
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if isinstance(self.verify, str):  # a CA file from DOCKER_CERT_PATH
+                settings["verify"] = self.verify
+            return settings
+
+    class EngineClient(docker.DockerClient):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.api = EngineAPI(*args, **kwargs)
+
+    return EngineClient
 
 
 def ensure_image(client: Any, image: str) -> None:
@@ -166,9 +208,159 @@ def exec_start(
         environment=dict(env or {}),
         workdir=workdir,
     )["Id"]
-    sock = raw_socket(api.exec_start(exec_id, socket=True))
+    if str(api.base_url).startswith("https://"):
+        sock: Any = _tls_exec_start(api, exec_id)
+    else:
+        sock = raw_socket(api.exec_start(exec_id, socket=True))
     sock.settimeout(timeout)
     return exec_id, sock
+
+
+class TLSStream:
+    """A TLS connection whose sending side can end alone, as a socket-like object.
+
+    The engine sees end-of-file on an exec's stdin only when the client half-closes.
+    Over TLS that is a close_notify alert while still reading, which ``ssl.SSLSocket``
+    cannot do: its ``shutdown()`` drops the TLS layer, so every later ``recv`` returns
+    ciphertext. Here TLS runs over memory buffers on a plain socket, so the alert can
+    go out on its own. Reads and writes may come from two threads (``Spawned``).
+    """
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, hostname: str) -> None:
+        self._sock = sock
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=hostname)
+        self._lock = threading.Lock()  # the TLS state; never held while blocked on the socket
+        self._send_lock = threading.Lock()  # records leave in the order they were made
+        self._pending = b""  # plaintext read past the HTTP response head
+        while True:
+            try:
+                with self._lock:
+                    self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                if not self._fill():
+                    raise ConnectionError("the engine closed the TLS handshake") from None
+        self._flush()
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            with self._lock:
+                data = self._outgoing.read()
+            if data:
+                self._sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self._sock.recv(65536)
+        with self._lock:
+            if data:
+                self._incoming.write(data)
+            else:
+                self._incoming.write_eof()
+        return bool(data)
+
+    def recv(self, size: int) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending[:size], self._pending[size:]
+            return data
+        while True:
+            try:
+                with self._lock:
+                    return self._tls.read(size)
+            except ssl.SSLWantReadError:
+                self._flush()  # e.g. a TLS 1.3 key update needs an answer
+                if not self._fill():
+                    return b""
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            with self._lock:
+                n = self._tls.write(view[:65536])
+            view = view[n:]
+            self._flush()
+
+    def shutdown(self, how: int) -> None:
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            with contextlib.suppress(ssl.SSLError), self._lock:
+                self._tls.unwrap()  # sends close_notify, then wants the peer's: not waited for
+            with contextlib.suppress(OSError):
+                self._flush()
+        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            self._sock.shutdown(how)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._sock.settimeout(timeout)
+
+    def gettimeout(self) -> float | None:
+        return self._sock.gettimeout()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def read_response_head(self) -> bytes:
+        """The HTTP response head; anything read past it is kept for :meth:`recv`."""
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = self.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > 65536:
+                break
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        self._pending = rest + self._pending
+        return head
+
+
+def _tls_context(api: Any) -> ssl.SSLContext:
+    """The SSL context the SDK's session verifies and authenticates with (DOCKER_CERT_PATH)."""
+    verify, cert = api.verify, api.cert
+    if isinstance(verify, str):
+        context = ssl.create_default_context(cafile=verify)
+    else:
+        context = ssl.create_default_context()
+        if verify is False:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    if isinstance(cert, tuple):
+        context.load_cert_chain(*cert)
+    elif cert:
+        context.load_cert_chain(cert)
+    return context
+
+
+def _tls_exec_start(api: Any, exec_id: str) -> TLSStream:
+    """``POST /exec/{id}/start`` upgraded to a raw stream over a connection of our own."""
+    url = urllib.parse.urlsplit(api._url("/exec/{0}/start", exec_id))
+    host, port = url.hostname or "localhost", url.port or 2376
+    timeout = getattr(api, "timeout", None)
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        stream = TLSStream(sock, _tls_context(api), host)
+        body = json.dumps({"Detach": False, "Tty": False}).encode()
+        stream.sendall(
+            f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+            "Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        head = stream.read_response_head()
+        status = head.split(b"\r\n", 1)[0]
+        if not status.startswith((b"HTTP/1.1 101", b"HTTP/1.1 200", b"HTTP/1.0 200")):
+            from docker.errors import APIError
+
+            raise APIError(f"exec start failed: {status.decode(errors='replace')}")
+    except BaseException:
+        sock.close()
+        raise
+    return stream
 
 
 def attach(client: Any, container_id: str) -> socket.socket:

@@ -140,6 +140,9 @@ class SandboxConfig:
     keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     egress: Any = None  # egress.EgressPolicy, or None for no network at all
     egress_network: str = "bridge"
+    # The engine's OCI runtime for the agent's container (e.g. "runsc"); None: the
+    # engine's default. The sidecar stays on the default (see sidecar.start).
+    runtime: str | None = None
     # Exact host name -> address the sidecar connects to without DNS (the test fakes).
     egress_pins: Mapping[str, str] = field(default_factory=dict)
     extra_ca_pem: str | None = None
@@ -415,6 +418,7 @@ class Sandbox:
             nano_cpus=int(res.cpus * 1e9),
             pids_limit=res.pids,
             volumes=volumes,
+            runtime=cfg.runtime,
             # With detach=False the SDK sets StdinOnce: stdin ends when our attach does.
             stdin_open=True,
             detach=False,

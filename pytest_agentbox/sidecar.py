@@ -109,6 +109,8 @@ def start(
         init=True,
         labels=owner.labels("egress"),
         network=config.egress_network,
+        # No config.runtime here: the engine's default runtime. runsc (Debian, 2022-12)
+        # starts boxes only without a network, and this box must reach its upstreams.
         volumes={volume.name: {"bind": SOCKET_DIR, "mode": "rw"}},
         cap_drop=["ALL"],
         security_opt=["no-new-privileges"],
