@@ -176,7 +176,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and sandboxes and call.excinfo is not None:
         # A test body that failed because its engine went away says which engine.
         lost = run_state(item.config).engine_failure(call.excinfo.value)
-        if lost is not None:
+        if lost is not None and hasattr(report.longrepr, "addsection"):
+            # Part of the failure itself (shown after the traceback, kept by xdist and
+            # in junit's failure text), not only a report section.
+            report.longrepr.addsection("agentbox: engine", str(lost))
+        elif lost is not None:
             report.sections.append(("agentbox: engine", str(lost)))
     if report.failed and sandboxes:
         for title, text in abs_session.report_sections(sandboxes):

@@ -100,8 +100,8 @@ def test_engine_option_precedence_and_list_forms() -> None:
 
 
 def test_plain_tcp_to_another_machine_is_refused_before_any_connection() -> None:
-    # 192.0.2.0/24 is TEST-NET-1: nothing is sent; the refusal comes before a connect.
-    why = engine.check_engine(parse_engine_url("tcp://192.0.2.1:2375"), timeout=1)
+    # .invalid never resolves, and nothing is looked up or sent: the refusal comes first.
+    why = engine.check_engine(parse_engine_url("tcp://engine.invalid:2375"), timeout=1)
     assert why is not None and "no TLS is set for it" in why and "#certs=DIR" in why
 
 
