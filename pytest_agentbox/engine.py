@@ -153,6 +153,21 @@ def get_client(spec: EngineSpec | str | None = None) -> Any:
         return _clients.setdefault(spec, client)
 
 
+def drop_client(spec: EngineSpec | str) -> None:
+    """Forget the cached client of ``spec``: the next :func:`get_client` connects anew.
+
+    For an engine that went away and may come back (with new TLS files, or a new
+    address behind the same URL): a stale client would keep failing.
+    """
+    if isinstance(spec, str):
+        spec = parse_engine_url(spec)
+    with _clients_lock:
+        client = _clients.pop(spec, None)
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.close()
+
+
 def _connect(spec: EngineSpec, *, timeout: float) -> Any:
     """A new client of ``spec``, pinged (DockerUnavailable naming the engine when not)."""
     from docker.errors import DockerException  # lazily: collection and --help must not need it

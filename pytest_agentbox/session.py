@@ -268,6 +268,7 @@ class RunState:
         why = engine.check_engine(self.engine)
         if why is None:
             return None
+        engine.drop_client(self.engine)  # should it come back, the next test reconnects
         return engine.lost(self.engine, f"{type(exc).__name__} during the test")
 
     @property

@@ -13,8 +13,12 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -326,3 +330,126 @@ def test_an_image_missing_on_one_engine_fails_the_run_with_the_command_to_copy_i
     finally:
         with contextlib.suppress(Exception):
             src.images.remove(tag, force=True)
+
+
+# ---- an engine that dies mid-run ---------------------------------------------------
+
+ENGINE3 = {"AGENTBOX_ENGINE2_INSTANCE": "3"}  # an engine of this test's own, to kill
+ENGINE3_PIDFILE = Path("/var/run/agentbox-engine3.pid")
+
+
+def engine3(command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ENGINE2), command], capture_output=True, text=True, timeout=300,
+        env={**os.environ, **ENGINE3},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def killable_engine(docker_client: Any, base_image: str) -> Iterator[str]:
+    """A third engine (``AGENTBOX_ENGINE2_INSTANCE=3 scripts/engine2``), stopped after."""
+    if os.geteuid() != 0 or not shutil.which("dockerd"):
+        pytest.skip("starting an engine of its own needs root and dockerd")
+    started = engine3("start")
+    if started.returncode != 0:
+        pytest.fail(f"could not start a third engine: {started.stderr[-2000:]}")
+    out = engine3("env").stdout
+    env = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines() if line)
+    try:
+        yield f"{env['DOCKER_HOST']}#certs={env['DOCKER_CERT_PATH']}"
+    finally:
+        engine3("stop")
+
+
+# --dist each: every test runs on both workers, gw0 on the first engine and gw1 on the
+# one that dies while test_2 waits.
+DYING_SUITE = """
+import time
+from pathlib import Path
+import pytest
+from pytest_agentbox.plugin import run_state
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def _which_engine(request, record_property):
+    record_property("engine", run_state(request.config).engine_url)
+
+
+def test_1_before(sandbox):
+    assert sandbox.run("echo before").ok
+
+
+def test_2_engine_dies_during_the_test(request, sandbox):
+    if run_state(request.config).engine_url == DYING:
+        (HERE / "ready").touch()
+        deadline = time.monotonic() + 180
+        while not (HERE / "killed").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert sandbox.run("echo after").ok
+
+
+def test_3_after(sandbox):
+    assert sandbox.run("echo later").ok
+"""
+
+
+def test_an_engine_that_dies_mid_run_fails_only_its_tests_naming_it(
+    pytester: pytest.Pytester, killable_engine: str, base_image: str
+) -> None:
+    local, dying = engine.environment_engine().url, killable_engine
+    dying_url = parse_engine_url(dying).url
+    run_id = "dying-" + secrets.token_hex(6)
+    pytester.makepyfile(test_dying=DYING_SUITE.replace("DYING", repr(dying_url)))
+    junit = pytester.path / "junit.xml"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "--dist", "each",
+         f"--testrunuid={run_id}", f"--junitxml={junit}", "--agentbox-require-docker",
+         f"--agentbox-image={base_image}", f"--agentbox-engine={local}",
+         f"--agentbox-engine={dying}"],
+        cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        ready = pytester.path / "ready"
+        for _ in range(900):
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert ready.exists(), "the test on the dying engine never got its sandbox"
+        os.kill(int(ENGINE3_PIDFILE.read_text()), signal.SIGKILL)  # the engine dies
+        for _ in range(100):  # until its API is gone for good
+            if engine.check_engine(parse_engine_url(dying), timeout=1) is not None:
+                break
+            time.sleep(0.1)
+        (pytester.path / "killed").touch()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == pytest.ExitCode.TESTS_FAILED, out[-4000:]
+    cases = {}
+    for case in ElementTree.parse(junit).iter("testcase"):  # noqa: S314 (our own file)
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        bad = [*case.iter("failure"), *case.iter("error")]
+        text = " ".join((b.get("message") or "") + (b.text or "") for b in bad)
+        cases[case.get("name"), props.get("engine")] = (not bad, text)
+    names = ("test_1_before", "test_2_engine_dies_during_the_test", "test_3_after")
+    assert set(cases) == {(n, url) for n in names for url in (local, dying_url)}, cases
+    for name in names:
+        assert cases[name, local] == (True, ""), f"{name} on the engine that lives"
+    assert cases["test_1_before", dying_url][0], "before the kill, the test on it passes"
+    for name in names[1:]:
+        passed, text = cases[name, dying_url]
+        assert not passed, name
+        assert f"the Docker engine at {dying} stopped answering mid-run" in text, (name, text)
+    # Back up, the engine still holds the dead run's boxes: gc removes them.
+    assert engine3("start").returncode == 0
+    engine.drop_client(dying)  # the restart made new TLS files
+    gc = subprocess.run(
+        [sys.executable, "-m", "pytest_agentbox.cli", "gc", "--engine", dying],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert gc.returncode == 0, gc.stderr
+    assert ours(engine.get_client(dying), run_id) == []
+    assert ours(engine.get_client(local), run_id) == []
