@@ -358,7 +358,8 @@ def killable_engine(docker_client: Any, base_image: str) -> Iterator[str]:
     try:
         yield f"{env['DOCKER_HOST']}#certs={env['DOCKER_CERT_PATH']}"
     finally:
-        engine3("stop")
+        stopped = engine3("stop")
+        assert stopped.returncode == 0, f"the third engine did not stop: {stopped.stderr}"
 
 
 # --dist each: every test runs on both workers, gw0 on the first engine and gw1 on the
