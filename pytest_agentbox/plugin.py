@@ -277,7 +277,7 @@ def sandbox_factory(request: pytest.FixtureRequest, vault: Any) -> Iterator[Call
             keep = failed and state.keep_on_failure
             sb.close(keep=keep)
             if keep:
-                item.user_properties.append(("agentbox_kept", sb.exec_hint()))
+                item.user_properties.append(("agentbox_kept", state.enter_hint(sb)))
         cleaned = state.take_cleaned()
         if cleaned:
             item.user_properties.append(("agentbox_cleaned", cleaned))

@@ -233,6 +233,15 @@ class RunState:
                 raise engine.lost(self.engine, "it no longer answers") from exc
             raise
 
+    def enter_hint(self, sb: Sandbox) -> str:
+        """The command that steps into a kept sandbox, pointed at its engine when that is
+        not the environment's (``DOCKER_HOST=... docker exec ...``)."""
+        hint = sb.exec_hint()
+        if self.engine.from_environment:
+            return hint
+        env = " ".join(f"{k}={v}" for k, v in self.engine.cli_env().items())
+        return f"{env} {hint}"
+
     def check_engines(self, *, timeout: float = 10.0) -> list[str]:
         """Why each run-wide engine cannot be used, one line each ([] when all can).
 
@@ -323,7 +332,7 @@ class RunState:
                         got = clients.get(url) or engine.get_client(specs[url])
                         self._cleaned += len(cleanup.collect(got))
                     except Exception as exc:  # housekeeping: never the reason a test fails
-                        msg = f"agentbox: clean-up of leaked resources on {url} failed: {exc}"
+                        msg = f"agentbox: clean-up of leaked resources failed: {exc} (on {url})"
                         warnings.warn(msg, stacklevel=2)
                 marker.touch()
         self._gc_done = True

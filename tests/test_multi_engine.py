@@ -444,8 +444,12 @@ def test_an_engine_that_dies_mid_run_fails_only_its_tests_naming_it(
         passed, text = cases[name, dying_url]
         assert not passed, name
         assert f"the Docker engine at {dying} stopped answering mid-run" in text, (name, text)
-    # Back up, the engine still holds the dead run's boxes: gc removes them.
+    # Back up, the engine still holds the dead run's boxes: gc removes them. Its restart
+    # must leave the first engine's default bridge alone (see scripts/engine2).
     assert engine3("start").returncode == 0
+    opts = engine.get_client(local).networks.get("bridge").attrs.get("Options") or {}
+    first_bridge = opts.get("com.docker.network.bridge.name", "docker0")
+    assert Path("/sys/class/net", first_bridge).exists(), f"{first_bridge} was deleted"
     engine.drop_client(dying)  # the restart made new TLS files
     gc = subprocess.run(
         [sys.executable, "-m", "pytest_agentbox.cli", "gc", "--engine", dying],
