@@ -103,6 +103,21 @@ def test_engine_option_precedence_and_list_forms() -> None:
         resolve(env={"AGENTBOX_ENGINES": "ftp://x"})
 
 
+def test_a_kept_sandbox_on_another_engine_says_how_to_reach_that_engine() -> None:
+    from types import SimpleNamespace
+
+    from pytest_agentbox.session import RunState
+
+    hint = "docker exec -it -u 1000:1000 -w /home/agent/app abc /bin/sh"
+    sb: Any = SimpleNamespace(exec_hint=lambda: hint)
+    remote = "tcp://127.0.0.1:1#certs=/etc/e2"
+    state = RunState(resolve(cli={"engine": [remote]}, env={}))
+    assert state.enter_hint(sb) == (
+        f"DOCKER_HOST=tcp://127.0.0.1:1 DOCKER_TLS_VERIFY=1 DOCKER_CERT_PATH=/etc/e2 {hint}"
+    )
+    assert RunState(resolve(env={})).enter_hint(sb) == hint  # the environment's engine
+
+
 def test_plain_tcp_to_another_machine_is_refused_before_any_connection() -> None:
     # .invalid never resolves, and nothing is looked up or sent: the refusal comes first.
     why = engine.check_engine(parse_engine_url("tcp://engine.invalid:2375"), timeout=1)
@@ -186,6 +201,7 @@ def test_declared_domain(request, record_property, fake_upstream, sandbox_factor
     sb = sandbox_factory(network=["api.github.com"])
     r = sb.run("curl -sS https://api.github.com/x")
     assert r.stdout == f"upstream-{i}", r.stderr
+    assert fake_upstream.engine_url == run_state(request.config).engine_url
     record(request, record_property, sandbox=sb.container_id, sidecar=sb.sidecar.container.id,
            upstream=fake_upstream.container.id)
 
@@ -244,6 +260,35 @@ def test_two_engines_in_one_xdist_run_each_test_on_one_engine_nothing_left(
     assert "agentbox: sandboxes per engine: " in out
     for url in (local, second):
         assert ours(engine.get_client(url), run_id) == [], f"left on {url}"
+
+
+def test_the_run_start_clean_up_covers_every_engine(
+    pytester: pytest.Pytester, two_engines: tuple[str, str], base_image: str
+) -> None:
+    local, second = two_engines
+    client = engine.get_client(second)
+    dead_pid = subprocess.Popen(["true"])
+    dead_pid.wait()
+    labels = paths.Owner.current("dead-" + secrets.token_hex(4)).labels("sandbox")
+    labels[paths.LABEL_OWNER_PID] = str(dead_pid.pid)
+    dead = client.containers.create(base_image, ["true"], labels=labels)
+    stranger = client.containers.create(base_image, ["true"])
+    try:
+        pytester.makepyfile("def test_x(sandbox):\n    assert sandbox.run('true').ok\n")
+        result = pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", "-n", "0", "--agentbox-require-docker",
+            f"--agentbox-image={base_image}", f"--agentbox-engine={local}",
+            f"--agentbox-engine={second}",
+        )  # fmt: skip
+        assert result.ret == 0, result.stdout.str()[-3000:]
+        # -n 0 runs on the first engine only; the leftover was on the second.
+        with pytest.raises(Exception, match=r"No such container|404"):
+            dead.reload()
+        stranger.reload()
+    finally:
+        for c in (dead, stranger):
+            with contextlib.suppress(Exception):
+                c.remove(force=True)
 
 
 def test_gc_covers_every_engine_and_leaves_strangers(
