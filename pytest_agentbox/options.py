@@ -2,7 +2,8 @@
 
 Each option ``NAME`` has a command-line flag ``--agentbox-NAME``, an ini key
 ``agentbox_NAME`` and an environment variable ``AGENTBOX_NAME`` (dashes become
-underscores). Precedence, highest first::
+underscores; the repeatable ``--agentbox-engine`` reads ``agentbox_engines`` and
+``AGENTBOX_ENGINES``). Precedence, highest first::
 
     marker  >  command line  >  environment  >  ini file  >  default
 
