@@ -34,6 +34,10 @@ from pytest_agentbox.session import choose_engine
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE2 = ROOT / "scripts" / "engine2"
 
+# Its inner runs clean up dead owners' leftovers on both engines, and two tests plant
+# such leftovers on purpose: with the project's other inner runs, on one xdist worker.
+pytestmark = pytest.mark.xdist_group("inner-runs")
+
 
 @pytest.fixture(autouse=True)
 def _no_agentbox_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,9 +267,15 @@ def test_two_engines_in_one_xdist_run_each_test_on_one_engine_nothing_left(
 
 
 def test_the_run_start_clean_up_covers_every_engine(
-    pytester: pytest.Pytester, two_engines: tuple[str, str], base_image: str
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    two_engines: tuple[str, str],
+    base_image: str,
 ) -> None:
     local, second = two_engines
+    # A run of its own: under xdist the outer run's id would be inherited, and its
+    # once-per-run clean-up is already done.
+    monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "cleanup-" + secrets.token_hex(6))
     client = engine.get_client(second)
     dead_pid = subprocess.Popen(["true"])
     dead_pid.wait()
