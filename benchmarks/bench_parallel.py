@@ -1,6 +1,13 @@
 """Parallel speed-up: a 24-test sandbox suite with ``pytest -n 0`` vs ``pytest -n 2``.
 
     python benchmarks/bench_parallel.py [--rounds 3] [--workers 2] [--all-plugins] [--busy N]
+    python benchmarks/bench_parallel.py --second-engine URL [--first-engine URL] [--workers 2]
+
+With ``--second-engine`` it compares engines instead: the same suite with ``-n
+WORKERS`` on one engine (``--agentbox-engine`` = the first) and spread over two (the
+first and ``URL``, e.g. ``tcp://127.0.0.1:23760#certs=DIR`` from ``scripts/engine2
+env``), alternating per round; each run's summary says how many sandboxes each engine
+made, and both runs must pass all 24.
 
 Writes a throwaway suite to a temp dir (24 tests, each with the ``sandbox`` fixture
 and one or two commands; no network) and runs it in subprocesses, alternating the
@@ -102,7 +109,7 @@ SUMMARY = re.compile(r"(\d+) passed")
 
 
 def run_suite(
-    suite: Path, workers: int, image: str, all_plugins: bool
+    suite: Path, workers: int, image: str, all_plugins: bool, extra: tuple[str, ...] = ()
 ) -> tuple[float, dict[str, float]]:
     """Wall seconds of one pytest run and its summed durations per phase."""
     baseline = (suite / "conftest.py").exists()
@@ -117,7 +124,7 @@ def run_suite(
     if baseline:
         cmd += ["-p", "no:agentbox"]
     else:
-        cmd += ["--agentbox-require-docker", "--agentbox-image", image]
+        cmd += ["--agentbox-require-docker", "--agentbox-image", image, *extra]
         if not all_plugins:
             cmd += ["-p", "pytest_agentbox.plugin"]
     t = time.perf_counter()
@@ -133,7 +140,51 @@ def run_suite(
     phases: dict[str, float] = {"setup": 0.0, "call": 0.0, "teardown": 0.0}
     for seconds, phase in DURATION.findall(out.stdout):
         phases[phase] += float(seconds)
+    if per := PER_ENGINE.search(out.stdout):
+        print(f"    {per.group(0).strip()}", flush=True)
     return wall, phases
+
+
+PER_ENGINE = re.compile(r"agentbox: sandboxes per engine: .*$", re.M)
+
+
+def compare_engines(args: argparse.Namespace) -> None:
+    """The suite with -n WORKERS on one engine vs spread over two, in one session."""
+    from pytest_agentbox.engine import environment_engine
+
+    first = args.first_engine or environment_engine().url
+    modes = {
+        "one engine": (f"--agentbox-engine={first}",),
+        "two engines": (f"--agentbox-engine={first}", f"--agentbox-engine={args.second_engine}"),
+    }
+    started = time.perf_counter()
+    walls: dict[str, list[float]] = {m: [] for m in modes}
+    phases: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    order = list(modes)
+    with tempfile.TemporaryDirectory(prefix="agentbox-bench-engines-") as tmp:
+        suite = Path(tmp)
+        (suite / "pytest.ini").write_text("[pytest]\n")
+        (suite / "test_suite.py").write_text(SUITE.replace("BUSY = 0", f"BUSY = {args.busy}", 1))
+        for r in range(args.rounds):
+            for mode in order if r % 2 == 0 else order[::-1]:
+                wall, summed = run_suite(
+                    suite, args.workers, args.image, args.all_plugins, modes[mode]
+                )
+                walls[mode].append(wall)
+                phases[mode].append(summed)
+                print(f"  round {r + 1}: {mode} -n {args.workers}: {wall:.1f}s", flush=True)
+    for mode in modes:
+        sums = {p: median([d[p] for d in phases[mode]]) for p in ("setup", "call", "teardown")}
+        detail = ", ".join(f"{p} {s:.1f}s" for p, s in sums.items())
+        print(
+            f"{mode:11s} pytest -n {args.workers}: median wall {median(walls[mode]):.1f}s "
+            f"(summed test durations: {detail})"
+        )
+    ratio = median(walls["one engine"]) / median(walls["two engines"])
+    print(
+        f"two engines vs one: {ratio:.2f}x the speed (wall one / wall two); "
+        f"cores {os.cpu_count()}; total {time.perf_counter() - started:.0f}s"
+    )
 
 
 def main() -> None:
@@ -145,7 +196,18 @@ def main() -> None:
     ap.add_argument(
         "--busy", type=int, default=0, help="CPU loop steps per echo test, run in the sandbox"
     )
+    ap.add_argument(
+        "--second-engine", default=None, metavar="URL",
+        help="compare one engine with two: this URL is the second (see the docstring)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--first-engine", default=None, metavar="URL",
+        help="the first engine (default: the environment's)",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.second_engine:
+        compare_engines(args)
+        return
     started = time.perf_counter()
     runs = [(kind, n) for kind in ("agentbox", "baseline") for n in (0, args.workers)]
     walls: dict[tuple[str, int], list[float]] = {r: [] for r in runs}

@@ -2,12 +2,14 @@
 
 Every container, network and volume we create carries labels naming the owning host,
 pid and process start time. A later run (or ``agentbox gc``) removes those whose owner
-is gone. Objects without our labels, and objects of live owners, are never touched.
+is gone, on every engine of the run. Objects without our labels, and objects of live
+owners, are never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +18,12 @@ from . import paths
 
 @dataclass(frozen=True)
 class Leaked:
+    """One object of a dead owner: its kind, name, owner pid and engine URL."""
+
     kind: str  # container | network | volume
     name: str
     owner: str
+    engine: str = ""
 
 
 def _dead(labels: dict[str, str]) -> bool:
@@ -48,9 +53,14 @@ def find_leaked(client: Any) -> list[tuple[Leaked, Any]]:
 
 
 def collect(client: Any, *, dry_run: bool = False) -> list[Leaked]:
-    """Remove (or with ``dry_run`` only list) leaked objects of dead owners."""
+    """Remove (or with ``dry_run`` only list) leaked objects of dead owners on ``client``'s
+    engine (each :class:`Leaked` names it)."""
+    from .engine import engine_key
+
+    where = engine_key(client)
     done: list[Leaked] = []
-    for leaked, obj in find_leaked(client):
+    for found, obj in find_leaked(client):
+        leaked = dataclasses.replace(found, engine=where)
         if not dry_run:
             with contextlib.suppress(Exception):
                 if leaked.kind == "container":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,16 @@ def _add_image_group(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     build.add_argument(
         "--tag", default=None, help=f"image tag (default: $AGENTBOX_IMAGE, else {DEFAULT_IMAGE})"
     )
+    build.add_argument(
+        "--engine", default=None, metavar="URL",
+        help="the engine to provision (unix://, tcp://host:port[#certs=DIR], ssh://; "
+        "default: the environment's, DOCKER_HOST)",
+    )  # fmt: skip
+    build.add_argument(
+        "--copy-from", default=None, metavar="URL",
+        help="copy the tag from this engine (docker save | docker load through the API, "
+        "no registry, no debootstrap) instead of building it",
+    )  # fmt: skip
     build.set_defaults(func=_cmd_image_build)
 
 
@@ -52,6 +63,11 @@ def _add_gc_group(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
         "gc", help="remove sandboxes, networks and volumes that crashed runs left behind"
     )
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc.add_argument(
+        "--engine", action="append", default=None, metavar="URL",
+        help="an engine to clean (repeatable; default: $AGENTBOX_ENGINES, else the "
+        "environment's engine)",
+    )  # fmt: skip
     gc.set_defaults(func=_cmd_gc)
 
 
@@ -72,21 +88,69 @@ def _add_state_group(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def _cmd_image_build(args: argparse.Namespace) -> int:
-    script = Path(__file__).parent / "build-base-image.sh"
-    # Progress goes straight to the terminal: a debootstrap takes minutes.
+    from . import engine
+
     tag = args.tag or _setting("image") or DEFAULT_IMAGE
-    return subprocess.call(["bash", str(script), tag])
+    target = _engine(args.engine) if args.engine else engine.environment_engine()
+    if args.copy_from:
+        _copy_image(tag, _engine(args.copy_from), target)
+        return EXIT_OK
+    script = Path(__file__).parent / "build-base-image.sh"
+    # The script's `docker import` goes to the target engine, as the docker CLI would.
+    env = {**os.environ, **target.cli_env()}
+    # Progress goes straight to the terminal: a debootstrap takes minutes.
+    return subprocess.call(["bash", str(script), tag], env=env)
+
+
+def _engine(url: str) -> Any:
+    from . import engine
+
+    try:
+        return engine.parse_engine_url(url)
+    except ValueError as exc:
+        raise AgentboxError(f"--engine / --copy-from: {exc}") from None
+
+
+def _copy_image(tag: str, source: Any, target: Any) -> None:
+    """``docker save TAG | docker load`` between two engines, streamed through the API."""
+    from docker.errors import ImageNotFound
+
+    from . import engine
+
+    src, dst = engine.get_client(source), engine.get_client(target)
+    try:
+        image = src.images.get(tag)
+    except ImageNotFound:
+        raise AgentboxError(
+            f"image {tag!r} is not on {source.text}: build it there first "
+            f"(`agentbox image build --engine {source.text}`)"
+        ) from None
+    print(f"agentbox: copying {tag} from {source.text} to {target.text}", flush=True)
+    dst.images.load(image.save(named=True))
+    dst.images.get(tag)  # loaded under its name, or ImageNotFound says it was not
+    print(f"agentbox: {tag} is on {target.text}")
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
     from . import cleanup, engine
+    from .errors import DockerUnavailable
 
-    leaked = cleanup.collect(engine.get_client(), dry_run=args.dry_run)
+    urls = args.engine or _setting("engine")
+    specs = [_engine(u) for u in urls] if urls else [engine.environment_engine()]
     verb = "would remove" if args.dry_run else "removed"
-    for item in leaked:
-        print(f"{verb} {item.kind} {item.name} (owner pid {item.owner} is gone)")
-    print(f"{verb} {len(leaked)} leaked object(s)")
-    return EXIT_OK
+    status = EXIT_OK
+    for spec in specs:
+        where = f" on {spec.text}" if len(specs) > 1 or not spec.from_environment else ""
+        try:
+            leaked = cleanup.collect(engine.get_client(spec), dry_run=args.dry_run)
+        except DockerUnavailable as exc:  # the other engines are still cleaned
+            print(f"agentbox: error: {exc}", file=sys.stderr)
+            status = EXIT_ERROR
+            continue
+        for item in leaked:
+            print(f"{verb} {item.kind} {item.name}{where} (owner pid {item.owner} is gone)")
+        print(f"{verb} {len(leaked)} leaked object(s){where}")
+    return status
 
 
 def _cmd_state_list(args: argparse.Namespace) -> int:

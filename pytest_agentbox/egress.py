@@ -21,6 +21,7 @@ import ipaddress
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,26 @@ def compute_policy(
         registries, notes = _scan_registries(env, home, root)
         ignored += notes
     return EgressPolicy(unrestricted, domains, keys, registries, tuple(ignored), private_domains)
+
+
+# The engine's own ranges, per engine URL: read once per process and engine (one
+# throwaway container each); an engine's ranges say nothing about another engine's.
+_ENGINE_NETS: dict[str, list[str]] = {}
+_ENGINE_NETS_LOCK = threading.Lock()
+
+
+def cached_engine_nets(client: Any, image: str) -> list[str]:
+    """:func:`engine_private_nets` of ``client``'s engine with its host's addresses, read
+    once per engine and process."""
+    from .engine import engine_key
+
+    key = engine_key(client)
+    with _ENGINE_NETS_LOCK:
+        if key in _ENGINE_NETS:
+            return _ENGINE_NETS[key]
+    nets = engine_private_nets(client, host_image=image)
+    with _ENGINE_NETS_LOCK:
+        return _ENGINE_NETS.setdefault(key, nets)
 
 
 def engine_private_nets(client: Any, *, host_image: str | None = None) -> list[str]:

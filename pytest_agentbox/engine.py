@@ -1,4 +1,4 @@
-"""Thin helpers over the docker SDK: one client per process, exec with stdin, tar building.
+"""Thin helpers over the docker SDK: one client per engine, exec with stdin, tar building.
 
 Nothing here runs at import time, so ``pytest --help`` works without an engine.
 """
@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import io
+import ipaddress
 import json
 import os
+import re
 import socket
 import ssl
 import struct
@@ -23,51 +26,298 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DockerUnavailable, ImageMissing
+from .errors import AgentboxError, DockerUnavailable, ImageMissing
 
 DEFAULT_IMAGE = "agentbox/base:bookworm"
+LOCAL_SOCKET = "unix:///var/run/docker.sock"
 
-_client: Any = None
-_images_seen: set[str] = set()
+# One client per engine and process, and per engine what was checked on it once: an
+# image seen on one engine says nothing about another.
+_clients: dict[EngineSpec, Any] = {}
+_clients_lock = threading.Lock()
+_images_seen: dict[str, set[str]] = {}
 
 
-def get_client() -> Any:
-    """The process's docker client, created and pinged on first use.
+class EngineLost(AgentboxError):
+    """An engine of the run stopped answering after it was used (it died mid-run).
 
-    Configured like the docker CLI: ``DOCKER_HOST`` (``unix://``, ``tcp://``, ``ssh://``),
-    and for TLS ``DOCKER_TLS_VERIFY`` and ``DOCKER_CERT_PATH`` (``ca.pem``, ``cert.pem``,
-    ``key.pem``). The engine's CA from ``DOCKER_CERT_PATH`` is the only one its
-    certificate is checked against, whatever ``REQUESTS_CA_BUNDLE`` says.
-
-    Raises :class:`DockerUnavailable` with the fix when no engine answers.
+    Unlike :class:`DockerUnavailable` a test on it fails, never skips: the engine was
+    there, so a skip would hide that its tests did not run.
     """
-    global _client
-    if _client is not None:
-        return _client
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One Docker engine: its URL and, for TLS over ``tcp://``, its client cert directory.
+
+    ``url`` is what the SDK takes (``unix://``, ``tcp://host:port``, ``ssh://``);
+    ``cert_dir`` holds ``ca.pem``, ``cert.pem`` and ``key.pem`` (the docker CLI's names).
+    ``from_environment`` marks the environment's engine, configured exactly as the
+    docker CLI is (``DOCKER_HOST``, ``DOCKER_TLS_VERIFY``, ``DOCKER_CERT_PATH``).
+    """
+
+    url: str
+    cert_dir: str | None = None
+    from_environment: bool = False
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def text(self) -> str:
+        """The URL as a user writes it: ``#certs=DIR`` included when one was given."""
+        given = self.cert_dir and not self.from_environment
+        return f"{self.url}#certs={self.cert_dir}" if given else self.url
+
+    def cli_env(self) -> dict[str, str]:
+        """The ``DOCKER_*`` variables that point the docker CLI at this engine."""
+        if self.from_environment:
+            names = ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")
+            return {n: os.environ[n] for n in names if os.environ.get(n)}
+        env = {"DOCKER_HOST": self.url}
+        if self.cert_dir:
+            env.update(DOCKER_TLS_VERIFY="1", DOCKER_CERT_PATH=self.cert_dir)
+        return env
+
+
+def environment_engine() -> EngineSpec:
+    """The engine the environment names: ``DOCKER_HOST``, else the local socket."""
+    url = os.environ.get("DOCKER_HOST") or LOCAL_SOCKET
+    certs = os.environ.get("DOCKER_CERT_PATH") if os.environ.get("DOCKER_TLS_VERIFY") else None
+    return EngineSpec(url, certs or None, from_environment=True)
+
+
+_TCP_RE = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})/?$")
+_SSH_RE = re.compile(r"^ssh://([A-Za-z0-9._-]+@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?/?$")
+
+
+def parse_engine_url(text: str) -> EngineSpec:
+    """``unix:///path``, ``tcp://host:port[#certs=DIR]`` or ``ssh://[user@]host[:port]``.
+
+    Raises ValueError saying what a valid URL is. ``#certs=DIR`` (an absolute path, ``~``
+    allowed) turns TLS on for that engine with DIR's ``ca.pem``, ``cert.pem`` and
+    ``key.pem``; a ``tcp://`` URL without it uses the environment's TLS settings, as
+    ``docker -H`` does.
+    """
+    value = text.strip()
+    url, _, fragment = value.partition("#")
+    cert_dir = None
+    if fragment:
+        key, _, path = fragment.partition("=")
+        if key != "certs" or not path:
+            raise ValueError(f"{value!r}: the only part after '#' is certs=DIR (TLS files)")
+        if not url.startswith("tcp://"):
+            raise ValueError(f"{value!r}: #certs= is for tcp:// engines only")
+        expanded = os.path.expanduser(path)
+        if not os.path.isabs(expanded):
+            raise ValueError(f"{value!r}: the certs directory must be an absolute path")
+        cert_dir = os.path.normpath(expanded)
+    if url.startswith("unix://"):
+        if not url.startswith("unix:///") or len(url) <= len("unix:///"):
+            raise ValueError(f"{value!r}: a socket URL is unix:///absolute/path")
+    elif url.startswith("tcp://"):
+        match = _TCP_RE.match(url)
+        if not match or not 0 < int(match[2]) < 65536:
+            raise ValueError(f"{value!r}: a TCP engine is tcp://host:port")
+        url = url.rstrip("/")
+    elif url.startswith("ssh://"):
+        if not _SSH_RE.match(url):
+            raise ValueError(f"{value!r}: an SSH engine is ssh://[user@]host[:port]")
+        url = url.rstrip("/")
+    else:
+        raise ValueError(f"{value!r} is not a Docker engine URL (unix://, tcp:// or ssh://)")
+    return EngineSpec(url, cert_dir)
+
+
+def get_client(spec: EngineSpec | str | None = None) -> Any:
+    """The process's docker client for one engine, created and pinged on first use.
+
+    ``spec`` is an :class:`EngineSpec`, a URL for :func:`parse_engine_url`, or None for
+    the environment's engine, configured like the docker CLI: ``DOCKER_HOST``
+    (``unix://``, ``tcp://``, ``ssh://``), and for TLS ``DOCKER_TLS_VERIFY`` and
+    ``DOCKER_CERT_PATH`` (``ca.pem``, ``cert.pem``, ``key.pem``). The engine's CA is the
+    only one its certificate is checked against, whatever ``REQUESTS_CA_BUNDLE`` says.
+
+    Raises :class:`DockerUnavailable` naming the engine, with the fix, when it does not
+    answer.
+    """
+    if spec is None:
+        spec = environment_engine()
+    elif isinstance(spec, str):
+        spec = parse_engine_url(spec)
+    with _clients_lock:
+        client = _clients.get(spec)
+        if client is not None:
+            return client
+    client = _connect(spec, timeout=120)
+    with _clients_lock:
+        return _clients.setdefault(spec, client)
+
+
+def drop_client(spec: EngineSpec | str) -> None:
+    """Forget the cached client of ``spec``: the next :func:`get_client` connects anew.
+
+    For an engine that went away and may come back (with new TLS files, or a new
+    address behind the same URL): a stale client would keep failing.
+    """
+    if isinstance(spec, str):
+        spec = parse_engine_url(spec)
+    with _clients_lock:
+        client = _clients.pop(spec, None)
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.close()
+
+
+def _connect(spec: EngineSpec, *, timeout: float) -> Any:
+    """A new client of ``spec``, pinged (DockerUnavailable naming the engine when not)."""
     from docker.errors import DockerException  # lazily: collection and --help must not need it
 
     try:
-        client = _client_class().from_env(timeout=120)
+        client = _new_client(spec, timeout=timeout)
         client.ping()
     except (DockerException, OSError) as exc:
-        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        why = _tls_hint(exc, spec) or _short(exc)
         raise DockerUnavailable(
-            f"no Docker engine answers at {where} ({type(exc).__name__}{_tls_hint(exc)}). "
-            "Start Docker (e.g. `sudo systemctl start docker` or `dockerd &`), or set "
-            "DOCKER_HOST. Without --agentbox-require-docker, sandbox tests are skipped instead."
+            f"no Docker engine answers at {spec.text} ({why}). {_engine_fix(spec)}"
         ) from None
-    _client = client
+    client.agentbox_engine = spec
     return client
 
 
-def _tls_hint(exc: BaseException) -> str:
-    """What to check when the engine's TLS handshake failed (nothing otherwise)."""
-    if "TLS" in type(exc).__name__ or "SSL" in str(exc):
+def _engine_fix(spec: EngineSpec) -> str:
+    if spec.from_environment:
         return (
-            ": TLS failed; DOCKER_CERT_PATH must hold the engine's ca.pem and a client "
-            "cert.pem/key.pem, with DOCKER_TLS_VERIFY=1"
+            "Start Docker (e.g. `sudo systemctl start docker` or `dockerd &`), or set "
+            "DOCKER_HOST. Without --agentbox-require-docker, sandbox tests are skipped instead."
+        )
+    return (
+        "Start that engine, correct its URL, or leave it out of --agentbox-engine / "
+        "AGENTBOX_ENGINES / agentbox_engines (a tcp:// engine with TLS: URL#certs=DIR, "
+        "DIR holding ca.pem, cert.pem and key.pem)."
+    )
+
+
+def _new_client(spec: EngineSpec, *, timeout: float) -> Any:
+    import docker
+
+    cls = _client_class()
+    if spec.from_environment:
+        return cls.from_env(timeout=timeout)
+    kwargs: dict[str, Any] = {"base_url": spec.url, "timeout": timeout}
+    if spec.cert_dir:
+        files = [os.path.join(spec.cert_dir, n) for n in ("ca.pem", "cert.pem", "key.pem")]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise docker.errors.TLSParameterError(f"missing TLS file(s): {', '.join(missing)}")
+        kwargs["tls"] = docker.tls.TLSConfig(
+            client_cert=(files[1], files[2]), ca_cert=files[0], verify=True
+        )
+    elif spec.url.startswith("tcp://"):
+        # As `docker -H tcp://...`: the environment's TLS settings apply to the URL.
+        tls = docker.utils.kwargs_from_env().get("tls")
+        if tls:
+            kwargs["tls"] = tls
+        elif not _loopback(spec.url):
+            # Plain HTTP to another machine: anyone on the path could drive the engine.
+            raise DockerUnavailable(
+                f"{spec.url} is another machine and no TLS is set for it: anyone on the "
+                "network path could drive that engine. Give its client certificates as "
+                f"{spec.url}#certs=DIR (ca.pem, cert.pem, key.pem)."
+            )
+    elif spec.url.startswith("ssh://"):
+        # The SDK's own SSH needs paramiko; without it, the ssh command (as the docker CLI).
+        kwargs["use_ssh_client"] = importlib.util.find_spec("paramiko") is None
+    return cls(**kwargs)
+
+
+def _loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def engine_of(client: Any) -> EngineSpec:
+    """The engine ``client`` talks to (clients made here know it; others, their URL)."""
+    spec = getattr(client, "agentbox_engine", None)
+    if isinstance(spec, EngineSpec):
+        return spec
+    return EngineSpec(str(getattr(getattr(client, "api", None), "base_url", "unknown")))
+
+
+def engine_key(client: Any) -> str:
+    """What per-engine caches are keyed by: the engine's URL."""
+    return engine_of(client).url
+
+
+def check_engine(spec: EngineSpec, *, timeout: float = 10.0) -> str | None:
+    """None when ``spec`` answers a ping within ``timeout`` s, else why not (one line).
+
+    A client of its own (not the cached one, whose timeout is long): a dead or hung
+    engine costs at most ``timeout``.
+    """
+    try:
+        client = _connect(spec, timeout=timeout)
+    except DockerUnavailable as exc:
+        return str(exc)
+    with contextlib.suppress(Exception):
+        client.close()
+    return None
+
+
+# What an engine that went away looks like to the SDK: refused or reset connections,
+# timeouts, and the SDK's own errors wrapping them.
+def is_engine_error(exc: BaseException) -> bool:
+    """Whether ``exc`` could come from an engine that stopped answering."""
+    if isinstance(exc, DockerUnavailable | EngineLost | OSError):
+        return True
+    try:
+        import requests
+        from docker.errors import DockerException
+    except ImportError:
+        return False
+    return isinstance(exc, requests.exceptions.RequestException | DockerException)
+
+
+def lost(spec: EngineSpec, reason: str) -> EngineLost:
+    """The error of a test whose engine stopped answering mid-run, naming the engine."""
+    return EngineLost(
+        f"the Docker engine at {spec.text} stopped answering mid-run ({reason}). The tests "
+        "on it fail; the other engines' tests go on. Bring it back (is its dockerd running?) "
+        f"and remove what it still holds with `agentbox gc --engine {spec.text}`."
+    )
+
+
+def _tls_hint(exc: BaseException, spec: EngineSpec | None = None) -> str:
+    """What to check when the engine's TLS set-up or handshake failed ("" otherwise)."""
+    if "TLS" in type(exc).__name__ or "SSL" in str(exc):
+        if spec is not None and spec.cert_dir and not spec.from_environment:
+            return (
+                f"{type(exc).__name__}: TLS failed; {spec.cert_dir} must hold the engine's "
+                "ca.pem and a client cert.pem/key.pem"
+            )
+        return (
+            f"{type(exc).__name__}: TLS failed; DOCKER_CERT_PATH must hold the engine's "
+            "ca.pem and a client cert.pem/key.pem, with DOCKER_TLS_VERIFY=1"
         )
     return ""
+
+
+# The root cause inside the SDK's wrapped connection errors, e.g.
+# "... NewConnectionError(...: [Errno 111] Connection refused')".
+_ERRNO_RE = re.compile(r"\[Errno (-?\d+)\] ([^'\")\]]+)")
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    """``Type: message`` in one line of at most ``limit`` characters, root cause first."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    if root := _ERRNO_RE.search(text):
+        return f"{root[2].strip()} (errno {root[1]})"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @functools.cache
@@ -97,20 +347,28 @@ def _client_class() -> Any:
 
 
 def ensure_image(client: Any, image: str) -> None:
-    """Fail with a clear message when ``image`` is not on the engine (checked once per process)."""
-    if image in _images_seen:
+    """Fail with a clear message when ``image`` is not on the engine (once per engine)."""
+    key = engine_key(client)
+    if image in _images_seen.get(key, ()):
         return
     from docker.errors import ImageNotFound
 
     try:
         client.images.get(image)
     except ImageNotFound:
+        spec = engine_of(client)
+        where = "this Docker engine" if spec.from_environment else f"the engine {spec.text}"
         raise ImageMissing(
-            f"sandbox image {image!r} is not on this Docker engine. Build the default one with "
-            "`agentbox image build` (or images/build-base-image.sh), `docker pull` yours, "
-            "or choose another with --agentbox-image / agentbox_image."
+            f"sandbox image {image!r} is not on {where}. Build the default one with "
+            f"`agentbox image build{_engine_arg(spec)}` (or copy it from an engine that has "
+            "it with `--copy-from URL`), `docker pull` yours, or choose another with "
+            "--agentbox-image / agentbox_image."
         ) from None
-    _images_seen.add(image)
+    _images_seen.setdefault(key, set()).add(image)
+
+
+def _engine_arg(spec: EngineSpec) -> str:
+    return "" if spec.from_environment else f" --engine {spec.text}"
 
 
 def create_tmpfs_volume(

@@ -43,6 +43,11 @@ class FakeUpstream:
         self._address: str | None = None
 
     @property
+    def engine_url(self) -> str:
+        """The engine this fake runs on: sandboxes reach it only from the same engine."""
+        return engine.engine_of(self._client).url
+
+    @property
     def network_name(self) -> str:
         return str(self.network.name)
 

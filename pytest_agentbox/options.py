@@ -2,7 +2,8 @@
 
 Each option ``NAME`` has a command-line flag ``--agentbox-NAME``, an ini key
 ``agentbox_NAME`` and an environment variable ``AGENTBOX_NAME`` (dashes become
-underscores). Precedence, highest first::
+underscores; the repeatable ``--agentbox-engine`` reads ``agentbox_engines`` and
+``AGENTBOX_ENGINES``). Precedence, highest first::
 
     marker  >  command line  >  environment  >  ini file  >  default
 
@@ -34,6 +35,7 @@ __all__ = [
     "Option",
     "OptionError",
     "Settings",
+    "check_engine_url",
     "check_image_ref",
     "check_runtime_name",
     "isolation_runtime",
@@ -72,6 +74,14 @@ def check_image_ref(value: str) -> str:
     return value
 
 
+def check_engine_url(value: str) -> str:
+    """``value`` normalised if it is a Docker engine URL, else ValueError (the one rule:
+    :func:`pytest_agentbox.engine.parse_engine_url`)."""
+    from .engine import parse_engine_url  # stdlib-only at import, like this module
+
+    return parse_engine_url(value).text
+
+
 def check_runtime_name(value: str) -> str:
     """``value`` if it can name a Docker runtime (``runc``, ``runsc``), else ValueError."""
     if not _RUNTIME_RE.fullmatch(value):
@@ -93,8 +103,10 @@ class Option:
 
     ``allowed`` says in words what a valid value is (it ends every error message);
     ``minimum`` bounds numbers from below (``> minimum`` for floats, ``>= minimum`` for
-    ints and sizes), ``maximum`` from above (``<=``); ``check`` validates strings and
-    may normalise them.
+    ints and sizes), ``maximum`` from above (``<=``); ``check`` validates strings (each
+    item of a list) and may normalise them. ``repeatable`` lets the flag be given several
+    times (lists only); ``ini_key`` and ``env_var`` replace the derived names when a
+    plural reads better.
     """
 
     name: str
@@ -107,6 +119,9 @@ class Option:
     maximum: float | None = None
     check: Callable[[str], str] | None = None
     default_doc: str = ""
+    repeatable: bool = False
+    ini_key: str = ""
+    env_var: str = ""
 
     @property
     def flag(self) -> str:
@@ -115,13 +130,13 @@ class Option:
 
     @property
     def ini(self) -> str:
-        """The ini key, ``agentbox_NAME``."""
-        return "agentbox_" + self.name.replace("-", "_")
+        """The ini key, ``agentbox_NAME`` (unless the row names another)."""
+        return self.ini_key or "agentbox_" + self.name.replace("-", "_")
 
     @property
     def env(self) -> str:
-        """The environment variable, ``AGENTBOX_NAME``."""
-        return "AGENTBOX_" + self.name.upper().replace("-", "_")
+        """The environment variable, ``AGENTBOX_NAME`` (unless the row names another)."""
+        return self.env_var or "AGENTBOX_" + self.name.upper().replace("-", "_")
 
     @property
     def marker_key(self) -> str | None:
@@ -211,6 +226,16 @@ OPTIONS: tuple[Option, ...] = (
         allowed="domain names, one per ini line (comma- or space-separated on the "
         "command line and in the environment)",
     ),
+    Option(
+        "engine", "linelist", [],
+        "Docker engine URL (repeatable); xdist workers are spread over the engines",
+        repeatable=True, ini_key="agentbox_engines", env_var="AGENTBOX_ENGINES",
+        check=check_engine_url,
+        allowed="unix:///path, tcp://host:port (TLS: tcp://host:port#certs=DIR) or "
+        "ssh://[user@]host[:port]; one per ini line, comma- or newline-separated in the "
+        "environment",
+        default_doc="the environment's engine (`DOCKER_HOST`, else the local socket)",
+    ),
 )  # fmt: skip
 
 _BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -251,10 +276,22 @@ def parse_value(opt: Option, raw: Any, origin: str, *, base: Path | None = None)
     kind = opt.kind
     if kind == "linelist":
         if isinstance(raw, str):
-            return [p for p in _LIST_SPLIT.split(raw.strip()) if p]
-        if isinstance(raw, Sequence) and all(isinstance(p, str) for p in raw):
-            return [p.strip() for p in raw if p.strip()]
-        raise _fail(opt, raw, origin, "is not a list of names")
+            items = [p for p in _LIST_SPLIT.split(raw.strip()) if p]
+        elif isinstance(raw, Sequence) and all(isinstance(p, str) for p in raw):
+            # A repeated flag: each value may itself be a list ("a,b").
+            split = (_LIST_SPLIT.split(p.strip()) for p in raw) if opt.repeatable else [raw]
+            items = [p.strip() for part in split for p in part if p.strip()]
+        else:
+            raise _fail(opt, raw, origin, "is not a list of names")
+        if opt.check is None:
+            return items
+        checked = []
+        for item in items:
+            try:
+                checked.append(opt.check(item))
+            except ValueError as exc:
+                raise _fail(opt, item, origin, f"is refused ({exc})") from None
+        return list(dict.fromkeys(checked))  # the same engine twice is one engine
     if isinstance(raw, bool) and kind != "bool":
         raise _fail(opt, raw, origin, f"is a boolean, not a value of type {kind}")
     if kind == "bool":

@@ -52,6 +52,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         text = f"{opt.help} (default: {shown}; env {opt.env})"
         if opt.kind == "bool":
             group.addoption(opt.flag, action="store_true", default=None, help=text)
+        elif opt.repeatable:
+            metavar = opt.name.rsplit("-", 1)[-1].upper()
+            group.addoption(opt.flag, action="append", default=None, metavar=metavar, help=text)
         else:
             metavar = opt.name.rsplit("-", 1)[-1].upper()
             group.addoption(opt.flag, default=None, metavar=metavar, help=text)
@@ -87,6 +90,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 settings.for_test(mark.kwargs, where=f"the agentbox marker of {item.nodeid}")
             except OptionError as exc:
                 raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Engines named for this run must all answer before any test (or xdist worker)
+    # starts: a typo or a stopped engine is one message, not a run of failures.
+    # Workers skip it (their controller checked); so do --help and --collect-only.
+    config = session.config
+    state = config.stash.get(_STATE_KEY, None)
+    if state is None or not state.engines_explicit or hasattr(config, "workerinput"):
+        return
+    if config.option.collectonly:
+        return
+    problems = state.check_engines()
+    if problems:
+        raise pytest.UsageError(
+            "agentbox: not every engine of this run can be used:\n  " + "\n  ".join(problems)
+        )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -152,6 +173,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.when == "call":
         item.stash[_CALL_FAILED] = report.failed
     sandboxes = item.stash.get(_SANDBOXES, [])
+    if report.failed and sandboxes and call.excinfo is not None:
+        # A test body that failed because its engine went away says which engine.
+        lost = run_state(item.config).engine_failure(call.excinfo.value)
+        if lost is not None and hasattr(report.longrepr, "addsection"):
+            # Part of the failure itself (shown after the traceback, kept by xdist and
+            # in junit's failure text), not only a report section.
+            report.longrepr.addsection("agentbox: engine", str(lost))
+        elif lost is not None:
+            report.sections.append(("agentbox: engine", str(lost)))
     if report.failed and sandboxes:
         for title, text in abs_session.report_sections(sandboxes):
             report.sections.append((f"agentbox: {title}", text))
@@ -205,9 +235,10 @@ def _agentbox_upstream(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 
 @pytest.fixture
-def fake_upstream(_agentbox_upstream: Any) -> Any:
+def fake_upstream(request: pytest.FixtureRequest, _agentbox_upstream: Any) -> Any:
     """A local TLS fake of the providers' APIs; sandboxes of this test reach it."""
-    _agentbox_upstream.reset()
+    with _engine_guard(run_state(request.config)):
+        _agentbox_upstream.reset()
     return _agentbox_upstream
 
 
@@ -233,7 +264,9 @@ def sandbox_factory(request: pytest.FixtureRequest, vault: Any) -> Iterator[Call
                     pytest.fail(str(exc), pytrace=False)
                 pytest.skip(str(exc))
             sb = state.create_sandbox(config, on_created=made.append)
-        item.user_properties.append(("agentbox_setup", abs_session.setup_summary(sb)))
+        summary = abs_session.setup_summary(sb, state.engine_url)
+        item.user_properties.append(("agentbox_setup", summary))
+        item.user_properties.append(("agentbox_engine", state.engine_url))
         return sb
 
     try:
@@ -244,7 +277,7 @@ def sandbox_factory(request: pytest.FixtureRequest, vault: Any) -> Iterator[Call
             keep = failed and state.keep_on_failure
             sb.close(keep=keep)
             if keep:
-                item.user_properties.append(("agentbox_kept", sb.exec_hint()))
+                item.user_properties.append(("agentbox_kept", state.enter_hint(sb)))
         cleaned = state.take_cleaned()
         if cleaned:
             item.user_properties.append(("agentbox_cleaned", cleaned))
@@ -274,7 +307,10 @@ def sandbox(sandbox_factory: Callable[..., Any]) -> Any:
 
 
 class _engine_guard:
-    """Turns engine and configuration errors into one readable skip or failure."""
+    """Turns engine and configuration errors into one readable skip or failure.
+
+    An engine that stopped answering mid-run fails the test with a message naming it.
+    """
 
     def __init__(self, state: abs_session.RunState) -> None:
         self._state = state
@@ -283,8 +319,13 @@ class _engine_guard:
         return None
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False
         if isinstance(exc, DockerUnavailable) and not self._state.require_docker:
             pytest.skip(str(exc))
+        lost = self._state.engine_failure(exc)
+        if lost is not None:
+            pytest.fail(str(lost), pytrace=False)
         if isinstance(exc, AgentboxError):
             pytest.fail(str(exc), pytrace=False)
         return False

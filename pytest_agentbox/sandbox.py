@@ -222,7 +222,8 @@ class SandboxConfig:
     egress: Any = None  # egress.EgressPolicy, or None for no network at all
     egress_network: str = "bridge"
     # The engine's OCI runtime for the agent's container (e.g. "runsc"); None: the
-    # engine's default. The sidecar stays on the default (see sidecar.start).
+    # engine's default. Set from --agentbox-runtime, runtime= or the manifest's
+    # isolation. The sidecar stays on the default (see sidecar.start).
     runtime: str | None = None
     # Exact host name -> address the sidecar connects to without DNS (the test fakes).
     egress_pins: Mapping[str, str] = field(default_factory=dict)
@@ -232,9 +233,6 @@ class SandboxConfig:
     state_limits: Any = None  # state.Limits
     timeout: float = DEFAULT_TIMEOUT
     setup_timeout: float = 900.0
-    # Docker runtime of the sandbox's container (e.g. "runsc" for gVisor); None: the
-    # engine's default. Set from --agentbox-runtime, runtime= or manifest isolation.
-    runtime: str | None = None
     run_id: str = field(default_factory=paths.token)
     host_env: Mapping[str, str] | None = None  # defaults to os.environ
     progress: Callable[[str], None] | None = None

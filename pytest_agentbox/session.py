@@ -12,14 +12,15 @@ import statistics
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import cleanup, engine, paths
-from .engine import DEFAULT_IMAGE
-from .errors import AgentboxError, KeyMissing, ManifestError
+from .engine import DEFAULT_IMAGE, EngineSpec
+from .errors import AgentboxError, DockerUnavailable, ImageMissing, KeyMissing, ManifestError
 from .options import OptionError, Settings, isolation_runtime, marker_keys
 from .options import resolve as resolve_options
 
@@ -30,7 +31,15 @@ if TYPE_CHECKING:
     from .manifest import Manifest
     from .sandbox import Sandbox, SandboxConfig
 
-__all__ = ["DEFAULT_IMAGE", "STATS", "RunState", "close_all", "report_sections", "setup_summary"]
+__all__ = [
+    "DEFAULT_IMAGE",
+    "STATS",
+    "RunState",
+    "choose_engine",
+    "close_all",
+    "report_sections",
+    "setup_summary",
+]
 
 DECOY_DOMAIN = "decoy.agentbox.test"
 _TEST_ONLY_OVERRIDES = ("state", "cap_add")
@@ -43,10 +52,13 @@ class Stats:
     setups: list[dict[str, Any]] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     cleaned: int = 0
+    engines: dict[str, int] = field(default_factory=dict)  # engine URL -> sandboxes made
 
     def add_setup(self, value: Any) -> None:
         if isinstance(value, dict):
             self.setups.append(value)
+            if isinstance(value.get("engine"), str):
+                self.engines[value["engine"]] = self.engines.get(value["engine"], 0) + 1
 
     def summary_lines(self) -> list[str]:
         lines = []
@@ -60,6 +72,9 @@ class Stats:
             )
         elif self.cleaned:
             lines.append(f"agentbox: leaked resources cleaned: {self.cleaned}")
+        if len(self.engines) > 1:
+            per = ", ".join(f"{url} {n}" for url, n in sorted(self.engines.items()))
+            lines.append(f"agentbox: sandboxes per engine: {per}")
         for hint in self.kept:
             lines.append(f"agentbox: kept failing sandbox; step in with: {hint}")
         return lines
@@ -68,11 +83,21 @@ class Stats:
 STATS = Stats()
 
 
-def setup_summary(sb: Sandbox) -> dict[str, Any]:
-    """Total setup seconds and the step that took longest (for the summary line)."""
+def setup_summary(sb: Sandbox, engine_url: str = "") -> dict[str, Any]:
+    """Total setup seconds, the step that took longest and the engine (for the summary)."""
     steps = sb.steps or []
     dominant = max(steps, key=lambda s: s.seconds).name if steps else "-"
-    return {"seconds": round(sb.setup_seconds, 3), "dominant": dominant}
+    out: dict[str, Any] = {"seconds": round(sb.setup_seconds, 3), "dominant": dominant}
+    if engine_url:
+        out["engine"] = engine_url
+    return out
+
+
+def choose_engine(engines: Sequence[EngineSpec], worker: str) -> EngineSpec:
+    """The engine of one pytest process: xdist worker ``gwN`` gets ``engines[N % count]``,
+    any other process (``-n 0``, the controller) the first."""
+    match = re.fullmatch(r"gw(\d+)", worker)
+    return engines[int(match[1]) % len(engines)] if match else engines[0]
 
 
 def redactor(secrets_: list[str]) -> Callable[[str], str]:
@@ -180,6 +205,14 @@ class RunState:
         self.state_max_files: int = get("state-max-files")
         self.state_max_seconds: float = get("state-max-seconds")
         self._cleaned = 0
+        # Run-wide engines, in the order given; this process uses one of them.
+        self.engines_explicit = bool(get("engine"))
+        self.engines: tuple[EngineSpec, ...] = (
+            tuple(engine.parse_engine_url(u) for u in get("engine"))
+            if self.engines_explicit
+            else (engine.environment_engine(),)
+        )
+        self.engine: EngineSpec = choose_engine(self.engines, paths.worker_id())
         manifest_path = get("manifest")
         self.manifest_path = Path(manifest_path).resolve() if manifest_path else None
         self._manifest: Manifest | None = None
@@ -199,9 +232,81 @@ class RunState:
     def header_lines(self) -> list[str]:
         where = self.manifest_path or "none (built-in defaults)"
         runtime = f"; runtime {self.default_runtime}" if self.default_runtime else ""
-        return [
+        lines = [
             f"agentbox: manifest {where}; image {self.default_image}{runtime}; run {self.run_id}"
         ]
+        if self.engines_explicit:
+            lines.append("agentbox: engines " + ", ".join(e.text for e in self.engines))
+        return lines
+
+    # ---- engines ----------------------------------------------------------------
+
+    @property
+    def engine_url(self) -> str:
+        """The URL of this process's engine (where its sandboxes, sidecars and fake
+        upstream live)."""
+        return self.engine.url
+
+    def client(self) -> Any:
+        """The docker client of this process's engine.
+
+        An engine named with ``--agentbox-engine`` answered at the start of the run, so
+        one that does not answer now died mid-run: :class:`~pytest_agentbox.engine.EngineLost`
+        (the test fails, whatever ``--agentbox-require-docker`` says).
+        """
+        try:
+            return engine.get_client(self.engine)
+        except DockerUnavailable as exc:
+            if self.engines_explicit:
+                raise engine.lost(self.engine, "it no longer answers") from exc
+            raise
+
+    def enter_hint(self, sb: Sandbox) -> str:
+        """The command that steps into a kept sandbox, pointed at its engine when that is
+        not the environment's (``DOCKER_HOST=... docker exec ...``)."""
+        hint = sb.exec_hint()
+        if self.engine.from_environment:
+            return hint
+        env = " ".join(f"{k}={v}" for k, v in self.engine.cli_env().items())
+        return f"{env} {hint}"
+
+    def check_engines(self, *, timeout: float = 10.0) -> list[str]:
+        """Why each run-wide engine cannot be used, one line each ([] when all can).
+
+        Every engine is pinged (side by side, at most ``timeout`` s in all) and asked
+        for the default image; run once at the start of a run with explicit engines.
+        """
+
+        def check(spec: EngineSpec) -> str | None:
+            why = engine.check_engine(spec, timeout=timeout)
+            if why is not None:
+                return why
+            try:
+                engine.ensure_image(engine.get_client(spec), self.default_image)
+            except AgentboxError as exc:
+                return str(exc)
+            return None
+
+        with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
+            found = list(pool.map(check, self.engines))
+        return [why for why in found if why]
+
+    def engine_failure(self, exc: BaseException) -> engine.EngineLost | None:
+        """The :class:`~pytest_agentbox.engine.EngineLost` behind ``exc`` when this
+        process's engine no longer answers (None: the engine is fine, or ``exc`` is a
+        configuration error). Pings the engine, so call it only for a failure."""
+        if isinstance(exc, engine.EngineLost):
+            return exc
+        config_errors = (ManifestError, KeyMissing, OptionError, ImageMissing)
+        if isinstance(exc, config_errors):
+            return None
+        if not (engine.is_engine_error(exc) or isinstance(exc, AgentboxError)):
+            return None
+        why = engine.check_engine(self.engine)
+        if why is None:
+            return None
+        engine.drop_client(self.engine)  # should it come back, the next test reconnects
+        return engine.lost(self.engine, f"{type(exc).__name__} during the test")
 
     @property
     def default_runtime(self) -> str | None:
@@ -229,11 +334,13 @@ class RunState:
         d.mkdir(mode=0o700, exist_ok=True)
         return d
 
-    def clean_up_once(self, client: Any) -> None:
-        """Remove leaked objects of dead owners, once per run, behind a file lock.
+    def clean_up_once(self, client: Any = None) -> None:
+        """Remove leaked objects of dead owners on every engine of the run (and the one
+        of ``client``, when given), once per run, behind a file lock.
 
         The plugin calls it before the first sandbox; a ``conftest.py`` that plants
         leftovers on purpose calls it first, so that no worker removes them mid-test.
+        An engine that does not answer is a warning here (the test that needs it fails).
         """
         if getattr(self, "_gc_done", False):
             return
@@ -244,11 +351,17 @@ class RunState:
         # The lock file is never unlinked: unlinking lets two holders exist at once.
         with FileLock(str(shared / "gc.lock")):
             if not marker.exists():
-                try:
-                    self._cleaned += len(cleanup.collect(client))
-                except Exception as exc:  # housekeeping: never the reason a test fails
-                    msg = f"agentbox: clean-up of leaked resources failed: {exc}"
-                    warnings.warn(msg, stacklevel=2)
+                clients: dict[str, Any] = {}
+                if client is not None:
+                    clients[engine.engine_key(client)] = client
+                specs = {e.url: e for e in self.engines}
+                for url in dict.fromkeys([*specs, *clients]):
+                    try:
+                        got = clients.get(url) or engine.get_client(specs[url])
+                        self._cleaned += len(cleanup.collect(got))
+                    except Exception as exc:  # housekeeping: never the reason a test fails
+                        msg = f"agentbox: clean-up of leaked resources failed: {exc} (on {url})"
+                        warnings.warn(msg, stacklevel=2)
                 marker.touch()
         self._gc_done = True
 
@@ -271,7 +384,7 @@ class RunState:
         from .fakeupstream import FakeUpstream
         from .manifest import KNOWN_PROVIDERS
 
-        client = engine.get_client()
+        client = self.client()
         self.clean_up_once(client)
         domains = [p.domain for p in KNOWN_PROVIDERS.values()]
         domains += [r.domain for r in self.manifest.permissions.network if "*" not in r.domain]
@@ -378,7 +491,7 @@ class RunState:
     def create_sandbox(self, config: SandboxConfig, on_created: Callable[[Sandbox], None]) -> Any:
         from .sandbox import Sandbox
 
-        client = engine.get_client()
+        client = self.client()
         self.clean_up_once(client)
         return Sandbox.create(config, client, on_created=on_created)
 

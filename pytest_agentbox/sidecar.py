@@ -24,20 +24,9 @@ SOCKET_DIR = "/run/egress"
 DECISIONS_LOG = "/var/log/agentbox-egress.jsonl"
 
 
-# Egress networks seen to exist in this process: checked once, not once per sandbox.
-_NETWORKS_SEEN: set[str] = set()
-# The engine's own ranges (its networks, the host's addresses), refused to every name
-# that is not pinned: read once per process (one throwaway container).
-_ENGINE_NETS: list[str] | None = None
-
-
-def _engine_nets(client: Any, image: str) -> list[str]:
-    global _ENGINE_NETS
-    if _ENGINE_NETS is None:
-        from .egress import engine_private_nets
-
-        _ENGINE_NETS = engine_private_nets(client, host_image=image)
-    return _ENGINE_NETS
+# Egress networks seen to exist, as (engine URL, name): checked once per engine, not
+# once per sandbox.
+_NETWORKS_SEEN: set[tuple[str, str]] = set()
 
 
 def _check_network(client: Any, name: str) -> None:
@@ -51,7 +40,7 @@ def _check_network(client: Any, name: str) -> None:
             "Create it (`docker network create NAME`) or choose another with "
             "--agentbox-egress-network / agentbox_egress_network."
         ) from None
-    _NETWORKS_SEEN.add(name)
+    _NETWORKS_SEEN.add((engine.engine_key(client), name))
 
 
 def create_volume(client: Any, owner: paths.Owner) -> Any:
@@ -95,9 +84,11 @@ def start(
     ``agent_allow`` is what the agent may reach (empty: no egress listener for it);
     ``routes`` are the key proxy's routes with their real keys (empty: no key proxy).
     """
-    if config.egress_network not in _NETWORKS_SEEN:
+    if (engine.engine_key(client), config.egress_network) not in _NETWORKS_SEEN:
         _check_network(client, config.egress_network)
-    refuse = _engine_nets(client, config.image)
+    from .egress import cached_engine_nets
+
+    refuse = cached_engine_nets(client, config.image)
     argv, source = engine.tool_command("supervisor.py")
     container = client.containers.create(
         config.image,

@@ -66,17 +66,18 @@ def probe(
 def test_every_option_has_one_flag_ini_key_and_env_variable() -> None:
     names = [o.name for o in OPTIONS]
     assert len(set(names)) == len(names)
+    # A repeatable flag's ini key and env variable read as plurals.
+    plural = {"engine": ("agentbox_engines", "AGENTBOX_ENGINES")}
     for opt in OPTIONS:
         stem = opt.name.replace("-", "_")
-        assert (opt.flag, opt.ini, opt.env) == (
-            f"--agentbox-{opt.name}", f"agentbox_{stem}", f"AGENTBOX_{stem.upper()}"
-        )  # fmt: skip
+        ini, env = plural.get(opt.name, (f"agentbox_{stem}", f"AGENTBOX_{stem.upper()}"))
+        assert (opt.flag, opt.ini, opt.env) == (f"--agentbox-{opt.name}", ini, env)
         assert opt.help and opt.kind in ("bool", "int", "float", "size", "path", "string",
                                          "linelist")  # fmt: skip
     required = {
         "manifest", "image", "keep-on-failure", "require-docker", "strict-keys", "vault",
         "state-dir", "egress-network", "timeout", "state-max-mb", "state-max-files",
-        "state-max-seconds", "runtime", "fake-upstream-domains",
+        "state-max-seconds", "runtime", "fake-upstream-domains", "engine",
     }  # fmt: skip
     assert required <= set(names)
 
