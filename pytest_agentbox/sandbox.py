@@ -496,6 +496,11 @@ class Sandbox:
             self.storage_volumes.append(vol)
             volumes[vol.name] = {"bind": where, "mode": "rw"}
         self._check_memory()
+        self._check_runtime()
+        if unrestricted:  # the agent itself joins it: never the host's namespace
+            from . import sidecar
+
+            sidecar.check_network(self._client, cfg.egress_network)
         self.container = self._create(
             cfg.image,
             # Neither the image's ENTRYPOINT nor its HEALTHCHECK may run: both would run
@@ -567,6 +572,20 @@ class Sandbox:
                 "reached, and the sandbox's in-memory home and /tmp could take the host's "
                 f"memory. Lower resources.memory to at most {format_size(total)} (and disk "
                 "with it)."
+            )
+
+    def _check_runtime(self) -> None:
+        """Refuse a runtime the engine does not have, instead of running under its default."""
+        want = self.config.runtime
+        if not want:
+            return
+        have = sorted(self._client.info().get("Runtimes") or {})
+        if want not in have:
+            raise AgentboxError(
+                f"runtime {want!r} is not registered with this Docker engine (it has: "
+                f"{', '.join(have) or 'none listed'}). Register it in the engine's daemon.json "
+                "(`runtimes`, then reload dockerd), or choose another with --agentbox-runtime "
+                "/ the manifest's runtime.isolation; for gVisor see scripts/engine2."
             )
 
     def _register(self) -> None:

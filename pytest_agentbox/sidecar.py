@@ -29,17 +29,33 @@ DECISIONS_LOG = "/var/log/agentbox-egress.jsonl"
 _NETWORKS_SEEN: set[tuple[str, str]] = set()
 
 
-def _check_network(client: Any, name: str) -> None:
+def check_network(client: Any, name: str) -> None:
+    """Refuse an egress network that is missing or not a bridge network of this engine.
+
+    ``host`` would put the sidecar (or an unrestricted agent) in the host's own network
+    namespace, ``none``/``container:...`` in no or someone else's; only a bridge network
+    gives a namespace of its own with a route out.
+    """
     from docker.errors import NotFound
 
+    if (engine.engine_key(client), name) in _NETWORKS_SEEN:
+        return
+    hint = "Choose another with --agentbox-egress-network / agentbox_egress_network."
+    if name in ("host", "none", "default") or name.startswith("container:"):
+        raise EgressError(f"egress network {name!r} is not allowed: use a bridge network. {hint}")
     try:
-        client.networks.get(name)
+        net = client.networks.get(name)
     except NotFound:
         raise EgressError(
             f"egress network {name!r} does not exist on this Docker engine. "
-            "Create it (`docker network create NAME`) or choose another with "
-            "--agentbox-egress-network / agentbox_egress_network."
+            f"Create it (`docker network create NAME`) or choose another. {hint}"
         ) from None
+    driver = net.attrs.get("Driver")
+    if driver != "bridge":
+        raise EgressError(
+            f"egress network {name!r} has driver {driver!r}: only bridge networks give the "
+            f"sidecar a network namespace of its own. {hint}"
+        )
     _NETWORKS_SEEN.add((engine.engine_key(client), name))
 
 
@@ -84,8 +100,7 @@ def start(
     ``agent_allow`` is what the agent may reach (empty: no egress listener for it);
     ``routes`` are the key proxy's routes with their real keys (empty: no key proxy).
     """
-    if (engine.engine_key(client), config.egress_network) not in _NETWORKS_SEEN:
-        _check_network(client, config.egress_network)
+    check_network(client, config.egress_network)
     from .egress import cached_engine_nets
 
     refuse = cached_engine_nets(client, config.image)

@@ -335,3 +335,51 @@ def test_a_markers_cap_add_is_refused_with_a_clear_message(pytester: pytest.Pyte
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     out = result.stdout.str()
     assert result.ret != 0 and "cap_add ['ALL'] is refused" in out, out
+
+
+# --------------------------------------------- the runtime and the egress network asked for
+
+
+def test_a_runtime_the_engine_lacks_is_refused_not_replaced_by_runc(
+    make_sandbox: Any, docker_client: Any
+) -> None:
+    # Before, runtime="runsc" on an engine without it ran the sandbox under runc silently.
+    run_id = "rt-" + secrets.token_hex(4)
+    with pytest.raises(AgentboxError, match="'no-such-runtime' is not registered") as err:
+        make_sandbox(runtime="no-such-runtime", run_id=run_id)
+    assert "runc" in str(err.value)  # it says what the engine has
+    assert ours(docker_client, run_id) == []
+
+
+@pytest.mark.parametrize("network", ["host", "none", "container:abc"])
+@pytest.mark.parametrize("unrestricted", [True, False])
+def test_the_egress_network_is_never_the_hosts_or_none(
+    make_sandbox: Any, docker_client: Any, network: str, unrestricted: bool
+) -> None:
+    # An unrestricted agent (or the sidecar) on "host" would share the host's network
+    # namespace: its interfaces and loopback listeners (a second dockerd, say).
+    from pytest_agentbox.egress import EgressPolicy
+    from pytest_agentbox.errors import EgressError
+
+    run_id = "net-" + secrets.token_hex(4)
+    domains = () if unrestricted else ("api.example.test",)
+    policy = EgressPolicy(unrestricted=unrestricted, domains=domains, key_domains=(),
+                          registries=())  # fmt: skip
+    with pytest.raises(EgressError, match="is not allowed: use a bridge network"):
+        make_sandbox(egress=policy, egress_network=network, run_id=run_id)
+    assert ours(docker_client, run_id) == []
+
+
+def test_an_egress_network_of_another_driver_is_refused(
+    make_sandbox: Any, docker_client: Any
+) -> None:
+    # The "none" network named by its id passes the name rule; its driver does not.
+    from pytest_agentbox.egress import EgressPolicy
+    from pytest_agentbox.errors import EgressError
+
+    run_id = "net-" + secrets.token_hex(4)
+    null_id = docker_client.networks.get("none").id
+    policy = EgressPolicy(unrestricted=True, domains=(), key_domains=(), registries=())
+    with pytest.raises(EgressError, match="has driver 'null'"):
+        make_sandbox(egress=policy, egress_network=null_id, run_id=run_id)
+    assert ours(docker_client, run_id) == []
