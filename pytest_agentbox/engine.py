@@ -625,7 +625,7 @@ def _tls_exec_start(api: Any, exec_id: str) -> TLSStream:
     return stream
 
 
-def attach(client: Any, container_id: str) -> socket.socket:
+def attach(client: Any, container_id: str) -> Any:
     """The main process's stdin, stdout and stderr as one raw socket (attach before start).
 
     Containers made with ``stdin_open`` and ``stdin_once`` see end-of-file on stdin when
@@ -634,21 +634,48 @@ def attach(client: Any, container_id: str) -> socket.socket:
     """
     params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
     sdk = raw_socket(client.api.attach_socket(container_id, params=params))
-    # The descriptor moves to a socket of our own: the SDK's makefile() reader holds a
-    # reference on its socket that makes close() leave the descriptor open, so closing
-    # the channel would not end the main process (a kept sandbox's sidecar, keys in it,
-    # lived on until pytest exited).
-    sock = socket.socket(sdk.family, sdk.type, sdk.proto, fileno=sdk.detach())
+    # The SDK's makefile() reader holds a reference on its socket that makes close()
+    # leave the descriptor open, so closing the channel would not end the main process
+    # (a kept sandbox's sidecar, keys in it, lived on until pytest exited).
+    sock: Any
+    if isinstance(sdk, ssl.SSLSocket):  # a TLS engine: the descriptor carries TLS
+        sock = TLSChannel(sdk)
+    else:  # the descriptor moves to a socket of our own
+        sock = socket.socket(sdk.family, sdk.type, sdk.proto, fileno=sdk.detach())
+        sock.set_inheritable(False)  # already the default for Python sockets: made sure
     sock.settimeout(None)
-    sock.set_inheritable(False)  # already the default for Python sockets: made sure
     with _ATTACHED_LOCK:
         _ATTACHED.add(sock)
     return sock
 
 
+class TLSChannel:
+    """An owner channel over a TLS engine, as a socket: ``close()`` ends the connection.
+
+    The descriptor cannot move to a plain socket (it carries TLS), so close shuts it down
+    first, which the SDK reader's reference cannot keep open.
+    """
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self._sock = sock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+    def close_in_child(self) -> None:
+        """Drop a forked child's copy of the descriptor without ending the parent's."""
+        with contextlib.suppress(OSError):
+            os.close(self._sock.detach())
+
+
 # Every owner channel of this process. A forked child (multiprocessing, os.fork from a
 # test) would hold a copy of each: one that outlived us would keep its sandbox running.
-_ATTACHED: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+_ATTACHED: weakref.WeakSet[Any] = weakref.WeakSet()
 _ATTACHED_LOCK = threading.Lock()
 
 
@@ -660,7 +687,7 @@ def _close_attached_in_child() -> None:
     _ATTACHED_LOCK = threading.Lock()
     for sock in list(_ATTACHED):
         with contextlib.suppress(OSError):
-            sock.close()
+            getattr(sock, "close_in_child", sock.close)()
     _ATTACHED.clear()
 
 

@@ -134,3 +134,11 @@ def start_holding_run(path: Path, image: str, run_id: str) -> subprocess.Popen[s
             break
     proc.kill()
     raise AssertionError("the holding run never said READY:\n" + "".join(seen)[-3000:])
+
+
+def need_engine2(why: str) -> None:
+    """Skip a test that needs the second engine, or fail it where the run requires one
+    (``scripts/dev test`` starts it and sets AGENTBOX_REQUIRE_ENGINE2)."""
+    if os.environ.get("AGENTBOX_REQUIRE_ENGINE2"):
+        pytest.fail(why, pytrace=False)
+    pytest.skip(why)

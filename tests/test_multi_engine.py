@@ -24,7 +24,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 import pytest
-from conftest import ours
+from conftest import need_engine2, ours
 
 from pytest_agentbox import engine, paths
 from pytest_agentbox.engine import EngineSpec, parse_engine_url
@@ -159,7 +159,7 @@ def engine2_url() -> str:
 @pytest.fixture(scope="module")
 def two_engines(docker_client: Any, base_image: str) -> tuple[str, str]:
     if subprocess.run([str(ENGINE2), "status"], capture_output=True).returncode != 0:
-        pytest.skip("the second engine is not running: start it with `scripts/engine2 start`")
+        need_engine2("the second engine is not running: start it with `scripts/engine2 start`")
     local, second = engine.environment_engine().url, engine2_url()
     if parse_engine_url(second).url == local:
         pytest.skip("DOCKER_HOST already is the second engine: nothing to spread over")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import need_engine2
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE2 = ROOT / "scripts" / "engine2"
@@ -45,7 +46,7 @@ def engine2_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tls_env() -> dict[str, str]:
     if subprocess.run([str(ENGINE2), "status"], capture_output=True).returncode != 0:
-        pytest.skip("the second engine is not running: start it with `scripts/engine2 start`")
+        need_engine2("the second engine is not running: start it with `scripts/engine2 start`")
     return engine2_env()
 
 
