@@ -13,6 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,3 +143,18 @@ def need_engine2(why: str) -> None:
     if os.environ.get("AGENTBOX_REQUIRE_ENGINE2"):
         pytest.fail(why, pytrace=False)
     pytest.skip(why)
+
+
+def accept_forever(sock: Any, handle: Any) -> None:
+    """Serve each connection ``sock`` accepts with ``handle(conn)`` in a thread of its own,
+    until ``sock`` is closed (the local fakes of the proxy tests)."""
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()

@@ -17,7 +17,6 @@ import json
 import secrets
 import socket
 import ssl
-import threading
 import time
 import urllib.parse
 import zlib
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 import trustme
+from conftest import accept_forever
 from test_keyproxy_local import DOMAINS, KeyProxy, parse, trusted
 
 from pytest_agentbox import keyproxy
@@ -43,15 +43,7 @@ class Scripted:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port, self.heads = self.sock.getsockname()[1], []
         self.answer: Answer = lambda head: [b"HTTP/1.1 204 No Content\r\n\r\n"]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        accept_forever(self.sock, self._serve)
 
     def _serve(self, raw: socket.socket) -> None:
         with contextlib.suppress(OSError), raw, self.ctx.wrap_socket(raw, server_side=True) as s:

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 import trustme
+from conftest import accept_forever
 
 from pytest_agentbox import keyproxy, upstream_server
 
@@ -82,15 +83,7 @@ class ConnectProxy:
         self.target, self.tunnels = target, []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._tunnel, args=(conn,), daemon=True).start()
+        accept_forever(self.sock, self._tunnel)
 
     def _tunnel(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError, ValueError):
@@ -1249,16 +1242,8 @@ class KeepAlive:
         self.seen: list[tuple[int, str, str]] = []
         self.closed: list[int] = []
         self.script: Callable[[int, int, bytes], Any] = lambda c, n, h: ok_answer()
-        self.ids = iter(range(1, 10**6))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn, next(self.ids)), daemon=True).start()
+        ids = iter(range(1, 10**6))
+        accept_forever(self.sock, lambda conn: self._serve(conn, next(ids)))
 
     def _serve(self, raw: socket.socket, cid: int) -> None:
         with contextlib.suppress(OSError), raw, self.ctx.wrap_socket(raw, server_side=True) as s:
