@@ -386,9 +386,20 @@ def create_tmpfs_volume(
     return client.volumes.create(name=name, driver="local", driver_opts=opts, labels=dict(labels))
 
 
-@functools.cache
+# engine URL -> its `docker info`: asked once per engine and process, read by every check.
+_INFO: dict[str, dict[str, Any]] = {}
+
+
+def engine_info(client: Any) -> dict[str, Any]:
+    """The engine's ``docker info`` (memory, runtimes, storage driver), cached per engine."""
+    key = engine_key(client)
+    if key not in _INFO:
+        _INFO[key] = dict(client.info())
+    return _INFO[key]
+
+
 def _engine_info(client: Any) -> tuple[str, str]:
-    info = client.info()
+    info = engine_info(client)
     status = dict(tuple(pair) for pair in info.get("DriverStatus") or [] if len(pair) == 2)
     return str(info.get("Driver", "")), str(status.get("Backing Filesystem", ""))
 

@@ -183,9 +183,6 @@ _SETID_SCANS: dict[str, list[str]] = {}
 # per process from a never-started container, then copied into every sandbox's home.
 _HOME_SEEDS: dict[tuple[str, str], str] = {}
 
-# id(client) -> the engine's MemTotal in bytes (0: unknown), asked once per client.
-_MEM_TOTAL: dict[int, int] = {}
-
 
 @dataclass(frozen=True)
 class CommandResult:
@@ -238,6 +235,10 @@ class SandboxConfig:
     progress: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check (and normalise) the fields a user can set wrong; ValueError if one is."""
         self.cap_add = check_cap_add(self.cap_add)
         self.timeout = check_timeout(self.timeout)
         self.setup_timeout = check_timeout(self.setup_timeout, "setup_timeout")
@@ -302,9 +303,7 @@ class Sandbox:
         can find it (and its report sections) even when setup fails.
         """
         # Again here: a field assigned after construction never went through the checks.
-        config.cap_add = check_cap_add(config.cap_add)
-        check_timeout(config.timeout)
-        check_timeout(config.setup_timeout, "setup_timeout")
+        config.validate()
         client = client or engine.get_client()
         sb = cls(config, client)
         if on_created is not None:
@@ -558,13 +557,10 @@ class Sandbox:
     def _check_memory(self) -> None:
         """Refuse a memory limit above the engine's whole memory (clear, before create)."""
         want = self.config.resources.memory_bytes
-        key = id(self._client)
-        if key not in _MEM_TOTAL:
-            try:
-                _MEM_TOTAL[key] = int(self._client.info().get("MemTotal") or 0)
-            except Exception:  # no figure: the engine enforces what it can
-                _MEM_TOTAL[key] = 0
-        total = _MEM_TOTAL[key]
+        try:
+            total = int(engine.engine_info(self._client).get("MemTotal") or 0)
+        except Exception:  # no figure: the engine enforces what it can
+            total = 0
         if total and want > total:
             raise AgentboxError(
                 f"resources.memory {self.config.resources.memory!r} is more than the Docker "
@@ -579,7 +575,7 @@ class Sandbox:
         want = self.config.runtime
         if not want:
             return
-        have = sorted(self._client.info().get("Runtimes") or {})
+        have = sorted(engine.engine_info(self._client).get("Runtimes") or {})
         if want not in have:
             raise AgentboxError(
                 f"runtime {want!r} is not registered with this Docker engine (it has: "
