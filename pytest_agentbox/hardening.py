@@ -141,46 +141,37 @@ def _seed_home(home: str, seed: str, user: dict) -> dict:
     return {"seeded_files": files}
 
 
-def _read_only_root() -> dict:
-    """Remount ``/`` read-only (this mount only: the engine's own view stays writable).
-
-    A mount flag the agent cannot clear: it holds no capability, and a user namespace
-    it might make locks inherited flags. Read back rather than trusted.
-    """
-    mount = _program("mount")
+def _remount_read_only(where: str, extra: str = "") -> str:
+    """Remount ``where`` read-only (this mount only: the engine's own view stays
+    writable); "" when the flag reads back set, else why not. Read back rather than
+    trusted: a flag the agent, holding no capability, cannot clear (a user namespace it
+    might make locks inherited flags)."""
     error = ""
     try:
-        proc = subprocess.run([mount, "-o", "remount,bind,ro", "/"], capture_output=True)
+        opts = f"remount,bind,ro{extra}"
+        proc = subprocess.run([_program("mount"), "-o", opts, where], capture_output=True)
         error = proc.stderr.decode("utf-8", "replace").strip()
     except OSError as exc:
         error = f"no mount program ({exc})"
-    ok = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
-    return {"root_readonly": ok, "root_readonly_error": "" if ok else (error or "not applied")}
+    return "" if os.statvfs(where).f_flag & os.ST_RDONLY else (error or "not applied")
+
+
+def _read_only_root() -> dict:
+    """Remount ``/`` read-only, last: from then on the agent writes only where capped."""
+    error = _remount_read_only("/")
+    return {"root_readonly": not error, "root_readonly_error": error}
 
 
 def _read_only_volumes(volumes: list) -> dict:
-    """Remount each of the image's VOLUMEs read-only, nosuid, nodev; read back each flag.
+    """Remount each of the image's VOLUMEs read-only, nosuid, nodev.
 
     The engine fills them from the image onto the host's disk, outside every cap: the
     agent may read what the image put there, never write (its home and /tmp are the
-    capped places). Like ``/``: a flag the agent, holding no capability, cannot clear.
+    capped places).
     """
-    mount = _program("mount")
-    writable = {}
-    for where in volumes:
-        if not os.path.isdir(where) or os.path.islink(where):
-            continue
-        error = ""
-        try:
-            proc = subprocess.run(
-                [mount, "-o", "remount,bind,ro,nosuid,nodev", where], capture_output=True
-            )
-            error = proc.stderr.decode("utf-8", "replace").strip()
-        except OSError as exc:
-            error = f"no mount program ({exc})"
-        if not os.statvfs(where).f_flag & os.ST_RDONLY:
-            writable[where] = error or "not applied"
-    return {"volumes_writable": writable}
+    dirs = [w for w in volumes if os.path.isdir(w) and not os.path.islink(w)]
+    errors = {w: _remount_read_only(w, ",nosuid,nodev") for w in dirs}
+    return {"volumes_writable": {w: e for w, e in errors.items() if e}}
 
 
 def _privileged_files(roots: list) -> list:
