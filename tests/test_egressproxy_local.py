@@ -907,8 +907,10 @@ def test_pin_is_exact_skips_dns_and_still_needs_the_allowlist(
     # The first tunnel's close line may come after the next requests' lines.
     pinned = [(r["event"], r["decision"]) for r in recs if r["pinned"]]
     assert pinned == [("connect", "allow"), ("close", "allow")]
+    # A refusal is logged after the client's EOF, so the three deny lines come in any order.
     refused = [r["reason"] for r in recs if r["decision"] == "deny"]
-    assert refused[:2] == ["host not in allowlist"] * 2
+    assert len(refused) == 3
+    assert refused.count("host not in allowlist") == 2
     assert proxy.looked_up() == ["a.wild.example.test"]
     assert upstream.accepted == 1
 
