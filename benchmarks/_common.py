@@ -1,7 +1,7 @@
 """Shared helpers of the network and state benchmarks (not a benchmark itself).
 
 Every benchmark keeps all traffic on this machine: the "internet" is a
-:class:`~pytest_agentbox.fakeupstream.FakeUpstream` on an internal Docker network.
+:class:`~pytest_agentbox.backends.docker.fakeupstream.FakeUpstream` on an internal Docker network.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_agentbox.egress import compute_policy
-from pytest_agentbox.fakeupstream import FakeUpstream
-from pytest_agentbox.manifest import KNOWN_PROVIDERS, KeyRoute
+from pytest_agentbox.backends.docker.fakeupstream import FakeUpstream
+from pytest_agentbox.policy.egress import compute_policy
+from pytest_agentbox.policy.manifest import KNOWN_PROVIDERS, KeyRoute
 from pytest_agentbox.sandbox import Sandbox, SandboxConfig
 
 DOMAIN = "api.openai.com"
@@ -168,8 +168,8 @@ def upstream_nodelay(upstream: FakeUpstream) -> None:
     ~40 ms per fresh connection, which would swamp what the benchmarks measure. The
     patched copy lives only in this container; the product file is untouched.
     """
-    from pytest_agentbox import engine
-    from pytest_agentbox import fakeupstream as fu
+    from pytest_agentbox.backends.docker import engine
+    from pytest_agentbox.backends.docker import fakeupstream as fu
 
     path = Path(fu.__file__).parent / "upstream_server.py"
     anchor = "        self.request.settimeout(30)\n"
@@ -197,7 +197,7 @@ def nodelay_tools() -> Iterator[None]:
     Swaps the in-process function that reads the root tools shipped into a sandbox,
     so the suggested fix can be measured without editing the product files.
     """
-    from pytest_agentbox import engine
+    from pytest_agentbox.backends.docker import engine
 
     original = engine.tool_source
 

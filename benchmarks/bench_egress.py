@@ -39,7 +39,7 @@ from _common import (
     upstream_nodelay,
 )
 
-from pytest_agentbox import engine
+from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.sandbox import DEFAULT_IMAGE
 
 SMALL, BIG = "/v1/bench/small", "/v1/bench/big"

@@ -126,7 +126,7 @@ def run_suite(
     else:
         cmd += ["--agentbox-require-docker", "--agentbox-image", image, *extra]
         if not all_plugins:
-            cmd += ["-p", "pytest_agentbox.plugin"]
+            cmd += ["-p", "pytest_agentbox.plugin.hooks"]
     t = time.perf_counter()
     out = subprocess.run(
         cmd, cwd=suite, env=env, capture_output=True, text=True, timeout=600, check=False
@@ -150,7 +150,7 @@ PER_ENGINE = re.compile(r"agentbox: sandboxes per engine: .*$", re.M)
 
 def compare_engines(args: argparse.Namespace) -> None:
     """The suite with -n WORKERS on one engine vs spread over two, in one session."""
-    from pytest_agentbox.engine import environment_engine
+    from pytest_agentbox.backends.docker.engine import environment_engine
 
     first = args.first_engine or environment_engine().url
     modes = {

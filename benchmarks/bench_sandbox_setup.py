@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_agentbox import engine
+from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.sandbox import DEFAULT_IMAGE, Sandbox, SandboxConfig
 
 
@@ -31,7 +31,7 @@ def keyed_config(image: str, upstream: Any) -> SandboxConfig:
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import openai_route
 
-    from pytest_agentbox.egress import compute_policy
+    from pytest_agentbox.policy.egress import compute_policy
 
     route = openai_route()
     policy = compute_policy(
@@ -57,7 +57,7 @@ def main() -> None:
     engine.ensure_image(client, args.image)
     upstream = None
     if args.keys:
-        from pytest_agentbox.fakeupstream import FakeUpstream
+        from pytest_agentbox.backends.docker.fakeupstream import FakeUpstream
 
         upstream = FakeUpstream(["api.openai.com"], image=args.image, client=client).start()
     times: dict[str, list[float]] = {"docker run --rm": [], "sandbox": [], "keyed sandbox": []}

@@ -19,7 +19,7 @@ import secrets
 import sys
 import time
 
-from pytest_agentbox.keyproxy import BUF, Leaks
+from pytest_agentbox.inside.keyproxy import BUF, Leaks
 
 MB = 1 << 20
 EVENT = b"data: " + json.dumps({"id": "c-1", "choices": [{"delta": {"content": "tok"}}]}).encode()

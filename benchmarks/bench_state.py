@@ -26,7 +26,7 @@ from typing import Any
 
 from _common import median
 
-from pytest_agentbox import engine
+from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.sandbox import DEFAULT_IMAGE, Sandbox, SandboxConfig
 from pytest_agentbox.state import StateStore
 

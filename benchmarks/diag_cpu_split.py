@@ -20,7 +20,7 @@ from typing import Any
 
 from _common import CLIENT, MB, egress_sandbox, run_json, start_upstream
 
-from pytest_agentbox import engine
+from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.sandbox import DEFAULT_IMAGE
 
 ROLES = {  # a piece of the command line -> the role shown

@@ -1,6 +1,6 @@
 """pytest-agentbox: hardened Docker sandboxes for testing AI agents (untrusted code).
 
-The pytest plugin lives in :mod:`pytest_agentbox.plugin`; everything else is usable
+The pytest plugin lives in :mod:`pytest_agentbox.plugin.hooks`; everything else is usable
 without pytest.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from pytest_agentbox.errors import (
     AgentboxError,
     DockerUnavailable,
     HardeningError,
@@ -20,7 +20,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .sandbox import CommandResult, Sandbox, SandboxConfig, Spawned
+    from pytest_agentbox.sandbox import CommandResult, Sandbox, SandboxConfig, Spawned
 
 __version__ = "0.2.0"
 
@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:
     # Loaded on first use: the pytest plugin imports this package in every test run of
     # the environment, and the sandbox code pulls in pydantic.
     if name in _FROM_SANDBOX:
-        from . import sandbox
+        from pytest_agentbox import sandbox
 
         return getattr(sandbox, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

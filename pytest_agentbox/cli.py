@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import AgentboxError, KeyMissing, VaultError
-from .sandbox import DEFAULT_IMAGE
-from .vault import Vault, validate_provider
+from pytest_agentbox.errors import AgentboxError, KeyMissing, VaultError
+from pytest_agentbox.sandbox import DEFAULT_IMAGE
+from pytest_agentbox.vault import Vault, validate_provider
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -88,7 +88,7 @@ def _add_state_group(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def _cmd_image_build(args: argparse.Namespace) -> int:
-    from . import engine
+    from pytest_agentbox.backends.docker import engine
 
     tag = args.tag or _setting("image") or DEFAULT_IMAGE
     target = _engine(args.engine) if args.engine else engine.environment_engine()
@@ -103,7 +103,7 @@ def _cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def _engine(url: str) -> Any:
-    from . import engine
+    from pytest_agentbox.backends.docker import engine
 
     try:
         return engine.parse_engine_url(url)
@@ -115,7 +115,7 @@ def _copy_image(tag: str, source: Any, target: Any) -> None:
     """``docker save TAG | docker load`` between two engines, streamed through the API."""
     from docker.errors import ImageNotFound
 
-    from . import engine
+    from pytest_agentbox.backends.docker import engine
 
     src, dst = engine.get_client(source), engine.get_client(target)
     try:
@@ -132,8 +132,8 @@ def _copy_image(tag: str, source: Any, target: Any) -> None:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    from . import cleanup, engine
-    from .errors import DockerUnavailable
+    from pytest_agentbox.backends.docker import cleanup, engine
+    from pytest_agentbox.errors import DockerUnavailable
 
     urls = args.engine or _setting("engine")
     specs = [_engine(u) for u in urls] if urls else [engine.environment_engine()]
@@ -154,7 +154,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _cmd_state_list(args: argparse.Namespace) -> int:
-    from .state import StateStore
+    from pytest_agentbox.state import StateStore
 
     state_dir = _state_dir(args)
     infos = StateStore(state_dir).list()
@@ -166,7 +166,7 @@ def _cmd_state_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_state_clear(args: argparse.Namespace) -> int:
-    from .state import StateStore
+    from pytest_agentbox.state import StateStore
 
     n = StateStore(_state_dir(args)).clear(args.scope)
     print(f"removed {n} stored state(s)")
@@ -208,7 +208,7 @@ def _setting(name: str) -> Any:
 
     A bad value is an OptionError (an AgentboxError): one line on stderr, exit 2.
     """
-    from .options import resolve
+    from pytest_agentbox.plugin.options import resolve
 
     return resolve(cwd=Path.cwd(), names=[name]).get(name)
 

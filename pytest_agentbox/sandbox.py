@@ -37,11 +37,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import engine, hardening, paths
-from .engine import DEFAULT_IMAGE
-from .errors import AgentboxError, HardeningError, KeyProxyError, SetupCommandFailed
-from .manifest import KeyRoute, Resources, format_size
-from .options import MAX_SECONDS
+from pytest_agentbox import paths
+from pytest_agentbox.backends.docker import engine
+from pytest_agentbox.backends.docker.engine import DEFAULT_IMAGE
+from pytest_agentbox.errors import AgentboxError, HardeningError, KeyProxyError, SetupCommandFailed
+from pytest_agentbox.inside import hardening
+from pytest_agentbox.policy.manifest import KeyRoute, Resources, format_size
+from pytest_agentbox.policy.values import MAX_SECONDS
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -351,7 +353,7 @@ class Sandbox:
         owner = paths.Owner.current(cfg.run_id)
         routes, agent_allow = self._routes(), self._agent_allow()
         if routes or agent_allow:
-            from . import sidecar
+            from pytest_agentbox.backends.docker import sidecar
 
             self.volume = sidecar.create_volume(self._client, owner)
         # The sidecar needs nothing from the sandbox but the volume: its engine work
@@ -497,7 +499,7 @@ class Sandbox:
         self._check_memory()
         self._check_runtime()
         if unrestricted:  # the agent itself joins it: never the host's namespace
-            from . import sidecar
+            from pytest_agentbox.backends.docker import sidecar
 
             sidecar.check_network(self._client, cfg.egress_network)
         self.container = self._create(
@@ -632,7 +634,7 @@ class Sandbox:
     def _root_env(self) -> dict[str, str | None]:
         """Every loader variable of the image's ENV unset (None) for a root exec: the
         loader would act on LD_PRELOAD and friends before the step's own code."""
-        from .runner import is_loader_variable
+        from pytest_agentbox.inside.runner import is_loader_variable
 
         names = (v.split("=", 1)[0] for v in self._container_env())
         return {name: None for name in names if is_loader_variable(name)}
@@ -666,7 +668,7 @@ class Sandbox:
             self._env[var] = self._ca_bundle
 
     def _start_sidecar(self, owner: paths.Owner, agent_allow: list[str], routes: list) -> None:
-        from . import sidecar
+        from pytest_agentbox.backends.docker import sidecar
 
         with self._step("sidecar (parallel)"):
             self.sidecar = sidecar.start(
@@ -680,7 +682,7 @@ class Sandbox:
         It binds before any user code runs, so nothing the agent starts can take its
         ports; it holds no secret (the keys stay in the sidecar).
         """
-        from . import sidecar
+        from pytest_agentbox.backends.docker import sidecar
 
         socks = [{"name": "egress", "unix": f"{self._egress_dir}/egress.sock"}] if egress else []
         for r in routes:
@@ -733,7 +735,7 @@ class Sandbox:
             ) from None
 
     def _restore_state(self) -> None:
-        from . import state
+        from pytest_agentbox import state
 
         store = self.config.state_store
         stored = store.load(self.config.state_scope)
@@ -754,7 +756,7 @@ class Sandbox:
             self.warnings.append(f"state restore dropped: {report.summary()}")
 
     def _snapshot_state(self) -> None:
-        from . import state
+        from pytest_agentbox import state
 
         try:
             report = state.snapshot_container(
@@ -789,7 +791,7 @@ class Sandbox:
         (None unsets one the image's ENV sets, which every exec inherits) and hands the
         real values, the image's included, to the command alone.
         """
-        from .runner import CHILD_ENV, is_loader_variable
+        from pytest_agentbox.inside.runner import CHILD_ENV, is_loader_variable
 
         merged: dict[str, str | None] = dict(self._env)
         if env:
@@ -992,14 +994,14 @@ class Sandbox:
         """
         logs = dict(self.logs)
         if self.sidecar is not None:
-            from . import sidecar
+            from pytest_agentbox.backends.docker import sidecar
 
             with contextlib.suppress(Exception):
                 if self.proxy_ports:
                     logs["key proxy requests"] = sidecar.key_requests(self.sidecar)
                 # The agent's connections and the key proxy's upstream ones alike.
                 text = logs["egress decisions"] = sidecar.decisions(self.sidecar)
-                from .egress import open_tunnels
+                from pytest_agentbox.policy.egress import open_tunnels
 
                 if still := open_tunnels(text):
                     logs["egress tunnels open at teardown"] = "\n".join(

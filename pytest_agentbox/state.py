@@ -51,9 +51,9 @@ from typing import IO, Any, Protocol
 
 import filelock
 
-from .atomicfile import fsync_dir, replace_atomically
-from .engine import open_engine_archive
-from .errors import StateError
+from pytest_agentbox.atomicfile import fsync_dir, replace_atomically
+from pytest_agentbox.backends.docker.engine import open_engine_archive
+from pytest_agentbox.errors import StateError
 
 ALLOWED_DIRS: tuple[str, ...] = ("workspace", "data", "output", "state")
 

@@ -43,8 +43,8 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
-from .atomicfile import fsync_dir, replace_atomically
-from .errors import KeyMissing, VaultError
+from pytest_agentbox.atomicfile import fsync_dir, replace_atomically
+from pytest_agentbox.errors import KeyMissing, VaultError
 
 FORMAT = "agentbox-vault"
 VERSION = 1

@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
-from pytest_agentbox import engine, paths
+from pytest_agentbox import paths
+from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.errors import DockerUnavailable, ImageMissing
-from pytest_agentbox.plugin import run_state
+from pytest_agentbox.plugin.hooks import run_state
 from pytest_agentbox.sandbox import Sandbox, SandboxConfig
 
 

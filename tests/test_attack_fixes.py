@@ -13,10 +13,13 @@ from typing import Any
 import pytest
 from conftest import built_image, ours
 
-from pytest_agentbox import hardening, options, sandbox
+from pytest_agentbox import sandbox
 from pytest_agentbox.errors import AgentboxError, HardeningError, ManifestError
-from pytest_agentbox.manifest import Resources, manifest_from_dict
-from pytest_agentbox.options import OptionError, parse_value
+from pytest_agentbox.inside import hardening
+from pytest_agentbox.plugin import options
+from pytest_agentbox.plugin.options import OptionError, parse_value
+from pytest_agentbox.plugin.session import report_sections
+from pytest_agentbox.policy.manifest import Resources, manifest_from_dict
 from pytest_agentbox.sandbox import (
     HISTORY_BYTES,
     HISTORY_LENGTH,
@@ -25,7 +28,6 @@ from pytest_agentbox.sandbox import (
     Sandbox,
     SandboxConfig,
 )
-from pytest_agentbox.session import report_sections
 
 MIB = 1024 * 1024
 
@@ -325,7 +327,7 @@ import pytest
 
 @pytest.mark.agentbox(cap_add=["ALL"])
 def test_probe(request, vault):
-    from pytest_agentbox.plugin import run_state
+    from pytest_agentbox.plugin.hooks import run_state
     run_state(request.config).sandbox_config(request.node, {}, vault=vault)
 """
 
@@ -358,8 +360,8 @@ def test_the_egress_network_is_never_the_hosts_or_none(
 ) -> None:
     # An unrestricted agent (or the sidecar) on "host" would share the host's network
     # namespace: its interfaces and loopback listeners (a second dockerd, say).
-    from pytest_agentbox.egress import EgressPolicy
     from pytest_agentbox.errors import EgressError
+    from pytest_agentbox.policy.egress import EgressPolicy
 
     run_id = "net-" + secrets.token_hex(4)
     domains = () if unrestricted else ("api.example.test",)
@@ -374,8 +376,8 @@ def test_an_egress_network_of_another_driver_is_refused(
     make_sandbox: Any, docker_client: Any
 ) -> None:
     # The "none" network named by its id passes the name rule; its driver does not.
-    from pytest_agentbox.egress import EgressPolicy
     from pytest_agentbox.errors import EgressError
+    from pytest_agentbox.policy.egress import EgressPolicy
 
     run_id = "net-" + secrets.token_hex(4)
     null_id = docker_client.networks.get("none").id

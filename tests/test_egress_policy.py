@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_agentbox import egress
-from pytest_agentbox.egress import (
+from pytest_agentbox.errors import ManifestError
+from pytest_agentbox.policy import egress
+from pytest_agentbox.policy.egress import (
     NEVER_AUTO_ALLOW,
     EgressPolicy,
     compute_policy,
     domain_matches,
     registry_hosts,
 )
-from pytest_agentbox.errors import ManifestError
 
 PIP_DEFAULTS = {"pypi.org", "files.pythonhosted.org"}
 NPM_DEFAULT = {"registry.npmjs.org"}
@@ -493,7 +493,7 @@ def test_private_domain_must_be_declared(home: Path, root: Path) -> None:
 def test_manifest_network_rule_private_needs_a_reason() -> None:
     from pydantic import ValidationError
 
-    from pytest_agentbox.manifest import NetworkRule
+    from pytest_agentbox.policy.manifest import NetworkRule
 
     rule = NetworkRule.model_validate(
         {"domain": "db.corp.example", "private": True, "reason": "db"}

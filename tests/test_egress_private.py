@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 
-from pytest_agentbox import egress, engine, paths
+from pytest_agentbox import paths
+from pytest_agentbox.backends.docker import engine
+from pytest_agentbox.policy import egress
 
 DECOY_NAME = "decoy.private.example.test"
 OPTED_NAME = "opted.private.example.test"

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from conftest import ours
 
-from pytest_agentbox.egress import compute_policy
 from pytest_agentbox.errors import EgressError
-from pytest_agentbox.session import DECOY_DOMAIN
+from pytest_agentbox.plugin.session import DECOY_DOMAIN
+from pytest_agentbox.policy.egress import compute_policy
 
 DECLARED = "api.github.com"
 

@@ -31,14 +31,15 @@ from typing import Any
 
 import pytest
 
-from pytest_agentbox import egress, egressproxy
-from pytest_agentbox.egressproxy import (
+from pytest_agentbox.inside import egressproxy
+from pytest_agentbox.inside.egressproxy import (
     address_class,
     host_allowed,
     is_ip_literal,
     parse_head,
     valid_fqdn,
 )
+from pytest_agentbox.policy import egress
 
 SCRIPT = str(Path(egressproxy.__file__).resolve())
 ALLOWED = "api.example.test"

@@ -116,7 +116,7 @@ def test_gc_survives_a_container_removed_while_it_lists(
     # Another worker's teardown can remove a container between the engine's list and the
     # SDK's per-container fetch. Here that interleaving is forced: the clean-up must go on
     # and still remove the other dead owner's container.
-    from pytest_agentbox import cleanup
+    from pytest_agentbox.backends.docker import cleanup
 
     dead, _stranger = leaked
     vanishing = docker_client.containers.create(base_image, ["true"], labels=dead.labels)
@@ -158,8 +158,8 @@ def test_state_list_and_clear(tmp_path: Path) -> None:
 def test_a_failing_clean_up_warns_and_never_fails_the_test(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from pytest_agentbox.options import resolve
-    from pytest_agentbox.session import RunState
+    from pytest_agentbox.plugin.options import resolve
+    from pytest_agentbox.plugin.session import RunState
 
     def broken_list(**_: Any) -> list[Any]:
         raise RuntimeError("engine hiccup")

@@ -22,7 +22,8 @@ from urllib.parse import quote
 import pytest
 from conftest import as_root, built_image
 
-from pytest_agentbox import cleanup, paths
+from pytest_agentbox import paths
+from pytest_agentbox.backends.docker import cleanup
 from pytest_agentbox.errors import HardeningError
 
 # The crash and inner-run tests leave dead owners' containers on purpose; runs that
@@ -288,8 +289,8 @@ def test_setuid_file_in_an_image_volume_is_stripped_and_reported(
 # included) from stdin, starts an agent that calls the provider in a loop, says READY.
 OWNER = r"""
 import json, sys, time
-from pytest_agentbox.egress import compute_policy
-from pytest_agentbox.manifest import KeyRoute
+from pytest_agentbox.policy.egress import compute_policy
+from pytest_agentbox.policy.manifest import KeyRoute
 from pytest_agentbox.sandbox import Sandbox, SandboxConfig
 cfg = json.loads(sys.stdin.readline())
 route = KeyRoute(provider="openai", env_var="OPENAI_API_KEY", base_url_env="OPENAI_BASE_URL",

@@ -29,7 +29,7 @@ import trustme
 from conftest import accept_forever
 from test_keyproxy_local import DOMAINS, KeyProxy, parse, trusted
 
-from pytest_agentbox import keyproxy
+from pytest_agentbox.inside import keyproxy
 
 Answer = Callable[[bytes], list[Any]]  # the request head -> bytes to write, or pauses (float)
 

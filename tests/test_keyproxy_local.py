@@ -34,7 +34,7 @@ import pytest
 import trustme
 from conftest import accept_forever
 
-from pytest_agentbox import keyproxy, upstream_server
+from pytest_agentbox.inside import keyproxy, upstream_server
 
 KEYPROXY = str(Path(keyproxy.__file__).resolve())
 UPSTREAM = str(Path(upstream_server.__file__).resolve())

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from conftest import as_root
 
-from pytest_agentbox import engine
-from pytest_agentbox.fakeupstream import header
+from pytest_agentbox.backends.docker import engine
+from pytest_agentbox.backends.docker.fakeupstream import header
 
 # A raw HTTP client run inside the sandbox: sends exactly the bytes given, prints the
 # status line and the headers it got back (so framing checks are not softened by a

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pytest_agentbox.errors import ManifestError
-from pytest_agentbox.manifest import (
+from pytest_agentbox.policy.manifest import (
     KNOWN_PROVIDERS,
     OVERRIDE_KEYS,
     KeyRequirement,
@@ -27,7 +27,7 @@ from pytest_agentbox.manifest import (
     protected_env_reason,
     resolve_key_routes,
 )
-from pytest_agentbox.rules import (
+from pytest_agentbox.policy.rules import (
     PROTECTED_ENV_FAMILIES,
     check_env_name,
     protected_env_family,

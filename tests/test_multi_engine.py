@@ -26,10 +26,11 @@ from xml.etree import ElementTree
 import pytest
 from conftest import need_engine2, ours
 
-from pytest_agentbox import engine, paths
-from pytest_agentbox.engine import EngineSpec, parse_engine_url
-from pytest_agentbox.options import OPTIONS, OptionError, resolve
-from pytest_agentbox.session import choose_engine
+from pytest_agentbox import paths
+from pytest_agentbox.backends.docker import engine
+from pytest_agentbox.backends.docker.engine import EngineSpec, parse_engine_url
+from pytest_agentbox.plugin.options import OPTIONS, OptionError, resolve
+from pytest_agentbox.plugin.session import choose_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE2 = ROOT / "scripts" / "engine2"
@@ -110,7 +111,7 @@ def test_engine_option_precedence_and_list_forms() -> None:
 def test_a_kept_sandbox_on_another_engine_says_how_to_reach_that_engine() -> None:
     from types import SimpleNamespace
 
-    from pytest_agentbox.session import RunState
+    from pytest_agentbox.plugin.session import RunState
 
     hint = "docker exec -it -u 1000:1000 -w /home/agent/app abc /bin/sh"
     sb: Any = SimpleNamespace(exec_hint=lambda: hint)
@@ -173,9 +174,9 @@ SUITE = """
 import json
 import pytest
 from docker.errors import NotFound
-from pytest_agentbox import engine
-from pytest_agentbox.fakeupstream import header
-from pytest_agentbox.plugin import run_state
+from pytest_agentbox.backends.docker import engine
+from pytest_agentbox.backends.docker.fakeupstream import header
+from pytest_agentbox.plugin.hooks import run_state
 
 
 def record(request, record_property, **containers):
@@ -423,7 +424,7 @@ DYING_SUITE = """
 import time
 from pathlib import Path
 import pytest
-from pytest_agentbox.plugin import run_state
+from pytest_agentbox.plugin.hooks import run_state
 
 HERE = Path(__file__).parent
 

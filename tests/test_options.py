@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from pytest_agentbox import options
-from pytest_agentbox.options import OPTIONS, Option, OptionError, parse_value, resolve
+from pytest_agentbox.plugin import options
+from pytest_agentbox.plugin.options import OPTIONS, Option, OptionError, parse_value, resolve
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 NO_ENGINE = "unix:///nonexistent/agentbox-test-docker.sock"
@@ -26,7 +26,7 @@ NO_ENGINE = "unix:///nonexistent/agentbox-test-docker.sock"
 PROBE = """
 import json
 import pytest
-from pytest_agentbox.plugin import agentbox_settings, run_state
+from pytest_agentbox.plugin.hooks import agentbox_settings, run_state
 
 {marker}
 def test_probe(request, vault):
@@ -444,7 +444,7 @@ def test_agentbox_require_docker_env_fails_instead_of_skipping(
 
 
 def _inner_docker_args(config: pytest.Config) -> list[str]:
-    from pytest_agentbox.plugin import run_state
+    from pytest_agentbox.plugin.hooks import run_state
 
     return ["-p", "no:cacheprovider", "--agentbox-require-docker",
             f"--agentbox-image={run_state(config).default_image}"]  # fmt: skip

@@ -151,7 +151,7 @@ def test_loading_the_plugin_pulls_in_no_heavy_dependency() -> None:
     # a sandbox, manifest or vault is used.
     heavy = ["pydantic", "docker", "yaml", "filelock", "cryptography", "pytest_agentbox.sandbox"]
     code = (
-        "import sys, pytest_agentbox, pytest_agentbox.plugin\n"
+        "import sys, pytest_agentbox, pytest_agentbox.plugin.hooks\n"
         f"print([m for m in {heavy!r} if m in sys.modules])\n"
         "pytest_agentbox.Sandbox\n"
         "print('pytest_agentbox.sandbox' in sys.modules)\n"

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from pytest_agentbox import paths, runner
+from pytest_agentbox import paths
+from pytest_agentbox.inside import runner
 
 FILTER = (Path(runner.__file__).parent / "userfilter.py").read_text()
 RUNNER = Path(runner.__file__).read_text()
@@ -170,7 +171,7 @@ def plain_container(docker_client: Any, base_image: str) -> Any:
 def test_a_daemon_that_fails_to_start_is_seen_by_its_own_message(
     docker_client: Any, plain_container: Any, script: str, expected: str
 ) -> None:
-    from pytest_agentbox import engine
+    from pytest_agentbox.backends.docker import engine
 
     cmd = ["/bin/sh", "-c", "read -r _; " + script]
     ready = engine.start_daemon(docker_client, plain_container.id, cmd, {}, with_stderr=True)
@@ -179,7 +180,7 @@ def test_a_daemon_that_fails_to_start_is_seen_by_its_own_message(
 
 
 def test_a_ready_daemons_stderr_is_not_an_error(docker_client: Any, plain_container: Any) -> None:
-    from pytest_agentbox import engine
+    from pytest_agentbox.backends.docker import engine
 
     script = "read -r _; echo 'just a warning' >&2; echo '{\"ready\": true}'; sleep 1"
     argv = ["/bin/sh", "-c", script]
@@ -267,8 +268,8 @@ def test_the_forwarder_refuses_to_start_once_user_code_ran(
 ) -> None:
     import threading
 
-    from pytest_agentbox.egress import compute_policy
     from pytest_agentbox.errors import AgentboxError
+    from pytest_agentbox.policy.egress import compute_policy
     from pytest_agentbox.sandbox import Sandbox, SandboxConfig
 
     policy = compute_policy(
@@ -304,8 +305,8 @@ def test_the_forwarder_refuses_to_start_once_user_code_ran(
 # (SIGKILL: no clean-up of any kind). Only the owner channels can stop the containers.
 FORKS_AND_DIES = r"""
 import json, os, signal, sys, time
-from pytest_agentbox import engine
-from pytest_agentbox.egress import compute_policy
+from pytest_agentbox.backends.docker import engine
+from pytest_agentbox.policy.egress import compute_policy
 from pytest_agentbox.sandbox import Sandbox, SandboxConfig
 image, net, run_id = sys.argv[1:4]
 policy = compute_policy(declared=["example.test"], key_domains=[], has_setup_command=False,
@@ -381,7 +382,7 @@ def test_closing_an_owner_channel_ends_the_sidecar_at_once(
     internal_net: Any, make_sandbox: Any
 ) -> None:
     # A kept sandbox drops its sidecar (and the keys in it) by closing that channel.
-    from pytest_agentbox.egress import compute_policy
+    from pytest_agentbox.policy.egress import compute_policy
 
     policy = compute_policy(
         declared=["example.test"], key_domains=[], has_setup_command=False, unrestricted=False
@@ -419,8 +420,8 @@ def _json_escaped(text: str, every: int) -> str:
 def test_every_report_section_is_redacted(
     internal_net: Any, make_sandbox: Any, random_key: str
 ) -> None:
-    from pytest_agentbox.egress import compute_policy
-    from pytest_agentbox.session import report_sections
+    from pytest_agentbox.plugin.session import report_sections
+    from pytest_agentbox.policy.egress import compute_policy
 
     key_host = f"{random_key}.example.test"  # a key is a valid DNS label: it can be a host
     policy = compute_policy(
@@ -500,7 +501,7 @@ def test_a_daemons_stderr_stays_out_unless_asked_for(
 ) -> None:
     # A daemon whose config holds secrets may quote them in a traceback: by default the
     # ready line's own error is all that is shown.
-    from pytest_agentbox import engine
+    from pytest_agentbox.backends.docker import engine
 
     script = f"read -r _; echo 'Traceback: {random_key}' >&2; exit 1"
     ready = engine.start_daemon(docker_client, plain_container.id, ["/bin/sh", "-c", script], {})

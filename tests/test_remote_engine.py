@@ -22,7 +22,7 @@ ENGINE2 = ROOT / "scripts" / "engine2"
 # What the fresh interpreter does: make the package's client, print what answered.
 PROBE = """
 import json
-from pytest_agentbox import engine
+from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.errors import DockerUnavailable
 try:
     client = engine.get_client()

@@ -180,7 +180,7 @@ def test_report_redacts_encoded_keys(random_key: str) -> None:
     import base64
     from urllib.parse import quote
 
-    from pytest_agentbox.session import redactor
+    from pytest_agentbox.plugin.session import redactor
 
     redact = redactor([random_key])
     raw = random_key.encode()

@@ -16,7 +16,7 @@ import pytest
 from conftest import ours
 
 from pytest_agentbox.errors import HardeningError
-from pytest_agentbox.manifest import KeyRoute
+from pytest_agentbox.policy.manifest import KeyRoute
 
 RUNTIME = "runsc"
 

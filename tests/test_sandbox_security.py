@@ -11,7 +11,7 @@ import pytest
 from conftest import as_root, built_image, ours
 
 from pytest_agentbox.errors import HardeningError, SetupCommandFailed
-from pytest_agentbox.manifest import KeyRoute
+from pytest_agentbox.policy.manifest import KeyRoute
 from pytest_agentbox.sandbox import FORWARDED_ENV, HARDENING_CAPS
 
 

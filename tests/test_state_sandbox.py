@@ -269,7 +269,7 @@ def test_sigkilled_run_is_cleaned_by_the_next_run_and_strangers_untouched(
 
 
 def test_gc_leaves_objects_of_live_owners(docker_client: Any, base_image: str) -> None:
-    from pytest_agentbox import cleanup
+    from pytest_agentbox.backends.docker import cleanup
 
     owner = paths.Owner.current("live-" + secrets.token_hex(4))
     c = docker_client.containers.create(base_image, ["true"], labels=owner.labels("sandbox"))

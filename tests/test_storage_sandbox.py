@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 from conftest import as_root, built_image, ours, start_holding_run
 
-from pytest_agentbox import cleanup, engine, hardening, paths
+from pytest_agentbox import paths
+from pytest_agentbox.backends.docker import cleanup, engine
 from pytest_agentbox.errors import AgentboxError, ManifestError
-from pytest_agentbox.manifest import Resources, manifest_from_dict
+from pytest_agentbox.inside import hardening
+from pytest_agentbox.policy.manifest import Resources, manifest_from_dict
 from pytest_agentbox.state import StateStore
 
 MIB = 1024 * 1024

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from pytest_agentbox import paths, userfilter
+from pytest_agentbox import paths
+from pytest_agentbox.inside import userfilter
 
 PROBE = (Path(__file__).parent / "probes" / "syscalls.py").read_text()
 FILTER = Path(userfilter.__file__).read_text()

@@ -27,7 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import AgentboxError
+from pytest_agentbox.errors import AgentboxError
+from pytest_agentbox.policy.values import (
+    MAX_SECONDS,
+    check_image_ref,
+    check_runtime_name,
+    isolation_runtime,
+)
 
 __all__ = [
     "MAX_SECONDS",
@@ -50,51 +56,21 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _SIZE_RE = re.compile(r"^(\d+)([bkmg]?)$")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-# A leading '-' would be read as an option by anything that shells out.
-# Matched whole (fullmatch): with ``$`` a trailing newline would pass.
-_IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")
-_RUNTIME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-# The longest time limit taken (7 days): far past any test, and well inside what a
-# socket timeout or an interval timer can hold (1e12 s overflows them).
-MAX_SECONDS = 7 * 24 * 3600.0
 _LIST_SPLIT = re.compile(r"[\s,]+")
-
-# The manifest's ``runtime.isolation`` names, and the Docker runtime each one means.
-ISOLATION_RUNTIMES: Mapping[str, str] = {"gvisor": "runsc", "runc": "runc"}
 
 
 class OptionError(AgentboxError):
     """An option has a value that is not allowed (the message says which, where, why)."""
 
 
-def check_image_ref(value: str) -> str:
-    """``value`` if it is a Docker image reference such as ``python:3.12``, else ValueError."""
-    if not _IMAGE_RE.fullmatch(value):
-        raise ValueError(f"{value!r} is not a Docker image reference such as 'python:3.12'")
-    return value
-
-
 def check_engine_url(value: str) -> str:
     """``value`` normalised if it is a Docker engine URL, else ValueError (the one rule:
-    :func:`pytest_agentbox.engine.parse_engine_url`)."""
-    from .engine import parse_engine_url  # stdlib-only at import, like this module
+    :func:`pytest_agentbox.backends.docker.engine.parse_engine_url`)."""
+    from pytest_agentbox.backends.docker.engine import (
+        parse_engine_url,  # stdlib-only at import, like this module
+    )
 
     return parse_engine_url(value).text
-
-
-def check_runtime_name(value: str) -> str:
-    """``value`` if it can name a Docker runtime (``runc``, ``runsc``), else ValueError."""
-    if not _RUNTIME_RE.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a Docker runtime name such as 'runsc' or 'runc' "
-            "(letters, digits, '.', '_', '-'; at most 64)"
-        )
-    return value
-
-
-def isolation_runtime(isolation: str | None) -> str | None:
-    """The Docker runtime a manifest ``runtime.isolation`` value stands for (gvisor -> runsc)."""
-    return None if isolation is None else ISOLATION_RUNTIMES[isolation]
 
 
 @dataclass(frozen=True)

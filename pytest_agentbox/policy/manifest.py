@@ -3,7 +3,7 @@
 Everything here is pure logic, usable without pytest or Docker. The plugin refuses a bad
 manifest before it touches Docker, with one readable line that names the file, the field
 and the rule (seed: "Manifest validation hardened"). The field-level rules live in
-:mod:`pytest_agentbox.rules`; the public ones are re-exported here.
+:mod:`pytest_agentbox.policy.rules`; the public ones are re-exported here.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from pydantic import (
 )
 
 from pytest_agentbox.errors import ManifestError
-from pytest_agentbox.options import check_image_ref
-from pytest_agentbox.rules import (
+from pytest_agentbox.policy.rules import (
     check_auth_style,
     check_base_path,
     check_env_name,
@@ -37,6 +36,7 @@ from pytest_agentbox.rules import (
     normalize_domain,
     protected_env_reason,
 )
+from pytest_agentbox.policy.values import check_image_ref
 
 __all__ = [
     "KNOWN_PROVIDERS",

@@ -17,8 +17,9 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import engine, paths
-from .errors import EgressError, KeyProxyError
+from pytest_agentbox import paths
+from pytest_agentbox.backends.docker import engine
+from pytest_agentbox.errors import EgressError, KeyProxyError
 
 SOCKET_DIR = "/run/egress"
 DECISIONS_LOG = "/var/log/agentbox-egress.jsonl"
@@ -101,7 +102,7 @@ def start(
     ``routes`` are the key proxy's routes with their real keys (empty: no key proxy).
     """
     check_network(client, config.egress_network)
-    from .egress import cached_engine_nets
+    from pytest_agentbox.policy.egress import cached_engine_nets
 
     refuse = cached_engine_nets(client, config.image)
     argv, source = engine.tool_command("supervisor.py")

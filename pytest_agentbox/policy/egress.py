@@ -4,7 +4,7 @@ A sandbox may reach: the domains its manifest and markers declare, the pinned ke
 domains (through the key proxy), and -- only when a ``setup_command`` exists -- the
 package registries the user's own pip and npm configuration point at. The GitHub
 codeload host is never auto-allowed (seed 0.2.0: "Package registry allowlist
-tightened"). Enforcement lives in :mod:`pytest_agentbox.egressproxy`; this module is
+tightened"). Enforcement lives in :mod:`pytest_agentbox.inside.egressproxy`; this module is
 pure (no Docker, no network) so it can be tested as a table, except
 :func:`engine_private_nets`, which asks the engine which networks it holds.
 
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pytest_agentbox import egressproxy
 from pytest_agentbox.errors import ManifestError
-from pytest_agentbox.manifest import normalize_domain
+from pytest_agentbox.inside import egressproxy
+from pytest_agentbox.policy.manifest import normalize_domain
 
 DEFAULT_PIP_INDEX = "https://pypi.org/simple"
 # pypi.org serves its index from one host and the files it lists from another.
@@ -182,7 +182,7 @@ _ENGINE_NETS_LOCK = threading.Lock()
 def cached_engine_nets(client: Any, image: str) -> list[str]:
     """:func:`engine_private_nets` of ``client``'s engine with its host's addresses, read
     once per engine and process."""
-    from .engine import engine_key
+    from pytest_agentbox.backends.docker.engine import engine_key
 
     key = engine_key(client)
     with _ENGINE_NETS_LOCK:

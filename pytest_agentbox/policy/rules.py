@@ -427,7 +427,7 @@ def check_auth_style(value: str) -> str:
     The rule is the key proxy's own (``keyproxy.auth_header``): a manifest that passes
     here is one the key proxy starts with.
     """
-    from pytest_agentbox.keyproxy import auth_header
+    from pytest_agentbox.inside.keyproxy import auth_header
 
     try:
         auth_header(value)

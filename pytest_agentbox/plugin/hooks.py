@@ -5,7 +5,7 @@ Fixtures: ``sandbox``, ``sandbox_factory``, ``vault``, ``fake_upstream``,
 ``agentbox_network(...)``. For a ``conftest.py``: :func:`run_state` (this run's state,
 manifest and once-per-run clean-up) and :func:`agentbox_settings` (every option's
 resolved value and where it came from). Options come from one table in
-:mod:`pytest_agentbox.options`.
+:mod:`pytest_agentbox.plugin.options`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from . import options as abs_options
-from . import session as abs_session
-from .errors import AgentboxError, DockerUnavailable, KeyMissing, ManifestError
-from .options import OptionError
+from pytest_agentbox.errors import AgentboxError, DockerUnavailable, KeyMissing, ManifestError
+from pytest_agentbox.plugin import options as abs_options
+from pytest_agentbox.plugin import session as abs_session
+from pytest_agentbox.plugin.options import OptionError
 
 _STATE_KEY = pytest.StashKey["abs_session.RunState"]()
 _SANDBOXES = pytest.StashKey[list]()
@@ -151,7 +151,7 @@ def _cache_dir(config: pytest.Config) -> Path:
 
 
 def run_state(config: pytest.Config) -> abs_session.RunState:
-    """This run's :class:`~pytest_agentbox.session.RunState` (settings, manifest, clean-up).
+    """This run's :class:`~pytest_agentbox.plugin.session.RunState` (settings, manifest, clean-up).
 
     The supported way for a ``conftest.py`` to reach the plugin's per-run state, e.g.
     ``run_state(config).clean_up_once(client)`` or ``run_state(config).default_image``.

@@ -15,11 +15,11 @@ import contextlib
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from . import engine, paths
-from .errors import AgentboxError
+from pytest_agentbox import paths
+from pytest_agentbox.backends.docker import engine
+from pytest_agentbox.errors import AgentboxError
 
 _DIR = "/srv/agentbox-upstream"
 
@@ -83,7 +83,7 @@ class FakeUpstream:
     def _create_container(self, labels: dict[str, str]) -> None:
         cert = self._ca.issue_cert(*self.domains)
         files = [
-            ("upstream_server.py", (Path(__file__).parent / "upstream_server.py").read_bytes()),
+            ("upstream_server.py", engine.tool_source("upstream_server.py")),
             ("cert.pem", cert.cert_chain_pems[0].bytes()),
             ("key.pem", cert.private_key_pem.bytes()),
             ("rules.json", b"[]"),

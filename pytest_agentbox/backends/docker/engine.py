@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AgentboxError, DockerUnavailable, ImageMissing
+from pytest_agentbox.errors import AgentboxError, DockerUnavailable, ImageMissing
 
 DEFAULT_IMAGE = "agentbox/base:bookworm"
+# The stdlib-only files that run inside containers (see pytest_agentbox.inside).
+INSIDE_DIR = Path(__file__).resolve().parents[2] / "inside"
 LOCAL_SOCKET = "unix:///var/run/docker.sock"
 
 # One client per engine and process, and per engine what was checked on it once: an
@@ -1016,8 +1018,8 @@ _FIND_PYTHON = (
 
 @functools.cache
 def tool_source(name: str) -> bytes:
-    """The source of one of our stdlib tools (``pytest_agentbox/<name>``)."""
-    return (Path(__file__).parent / name).read_bytes()
+    """The source of one of our stdlib tools (``pytest_agentbox/inside/<name>``)."""
+    return (INSIDE_DIR / name).read_bytes()
 
 
 def tool_command(name: str, *args: str, python: str | None = None) -> tuple[list[str], bytes]:

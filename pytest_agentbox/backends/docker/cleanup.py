@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from . import paths
+from pytest_agentbox import paths
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def find_leaked(client: Any) -> list[tuple[Leaked, Any]]:
 def collect(client: Any, *, dry_run: bool = False) -> list[Leaked]:
     """Remove (or with ``dry_run`` only list) leaked objects of dead owners on ``client``'s
     engine (each :class:`Leaked` names it)."""
-    from .engine import engine_key
+    from pytest_agentbox.backends.docker.engine import engine_key
 
     where = engine_key(client)
     done: list[Leaked] = []

@@ -1,7 +1,8 @@
 """Per-run state behind the plugin: options, manifest, once-per-run work, statistics.
 
-Kept apart from ``plugin.py`` so that the hooks stay thin and everything here can be
-driven without pytest (``RunState(settings)`` takes :class:`pytest_agentbox.options.Settings`).
+Kept apart from :mod:`.hooks` so that the hooks stay thin and everything here can be
+driven without pytest (``RunState(settings)`` takes
+:class:`pytest_agentbox.plugin.options.Settings`).
 """
 
 from __future__ import annotations
@@ -18,18 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import cleanup, engine, paths
-from .engine import DEFAULT_IMAGE, EngineSpec
-from .errors import AgentboxError, DockerUnavailable, ImageMissing, KeyMissing, ManifestError
-from .options import OptionError, Settings, isolation_runtime, marker_keys
-from .options import resolve as resolve_options
+from pytest_agentbox import paths
+from pytest_agentbox.backends.docker import cleanup, engine
+from pytest_agentbox.backends.docker.engine import DEFAULT_IMAGE, EngineSpec
+from pytest_agentbox.errors import (
+    AgentboxError,
+    DockerUnavailable,
+    ImageMissing,
+    KeyMissing,
+    ManifestError,
+)
+from pytest_agentbox.plugin.options import OptionError, Settings, isolation_runtime, marker_keys
+from pytest_agentbox.plugin.options import resolve as resolve_options
 
 # Kept light on purpose: the plugin loads this in every pytest run of an environment
 # where pytest-agentbox is installed, and in every xdist process. pydantic (manifest),
 # filelock and the sandbox code load on first use.
 if TYPE_CHECKING:
-    from .manifest import Manifest
-    from .sandbox import Sandbox, SandboxConfig
+    from pytest_agentbox.policy.manifest import Manifest
+    from pytest_agentbox.sandbox import Sandbox, SandboxConfig
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -107,7 +115,7 @@ def redactor(secrets_: list[str]) -> Callable[[str], str]:
     (hex and percent-escapes are written in either, or mixed), plus JSON text in which
     any character may be spelled ``\\u00XX`` (or ``\\/``, ``\\"``, ``\\\\``).
     """
-    from .keyproxy import leak_forms
+    from pytest_agentbox.inside.keyproxy import leak_forms
 
     forms = {s for s in secrets_ if s and len(s) >= 8}
     forms |= {f.decode() for s in list(forms) if s.isascii() for f in leak_forms(s.encode())}
@@ -185,7 +193,7 @@ class RunState:
         rootpath: Path | None = None,
         cache_dir: Path = Path(".pytest_cache"),
     ) -> None:
-        """``settings`` from :func:`pytest_agentbox.options.resolve` (default: resolved
+        """``settings`` from :func:`pytest_agentbox.plugin.options.resolve` (default: resolved
         from the environment alone); ``rootpath`` and ``cache_dir`` place the default
         state directory."""
         self.settings = settings if settings is not None else resolve_options()
@@ -217,14 +225,14 @@ class RunState:
         self.manifest_path = Path(manifest_path).resolve() if manifest_path else None
         self._manifest: Manifest | None = None
         if self.manifest_path:  # a bad manifest is a usage error at start-up, not per test
-            from .manifest import load_manifest
+            from pytest_agentbox.policy.manifest import load_manifest
 
             self._manifest = load_manifest(self.manifest_path)
 
     @property
     def manifest(self) -> Manifest:
         if self._manifest is None:
-            from .manifest import Manifest
+            from pytest_agentbox.policy.manifest import Manifest
 
             self._manifest = Manifest(name="agentbox-default")
         return self._manifest
@@ -251,8 +259,9 @@ class RunState:
         """The docker client of this process's engine.
 
         An engine named with ``--agentbox-engine`` answered at the start of the run, so
-        one that does not answer now died mid-run: :class:`~pytest_agentbox.engine.EngineLost`
-        (the test fails, whatever ``--agentbox-require-docker`` says).
+        one that does not answer now died mid-run:
+        :class:`~pytest_agentbox.backends.docker.engine.EngineLost` (the test fails,
+        whatever ``--agentbox-require-docker`` says).
         """
         try:
             return engine.get_client(self.engine)
@@ -292,7 +301,7 @@ class RunState:
         return [why for why in found if why]
 
     def engine_failure(self, exc: BaseException) -> engine.EngineLost | None:
-        """The :class:`~pytest_agentbox.engine.EngineLost` behind ``exc`` when this
+        """The :class:`~pytest_agentbox.backends.docker.engine.EngineLost` behind ``exc`` when this
         process's engine no longer answers (None: the engine is fine, or ``exc`` is a
         configuration error). Pings the engine, so call it only for a failure."""
         if isinstance(exc, engine.EngineLost):
@@ -372,7 +381,7 @@ class RunState:
     # ---- fixtures' work -------------------------------------------------------
 
     def open_vault(self, tmp_path: Path) -> Any:
-        from .vault import FileSecretStore, Vault
+        from pytest_agentbox.vault import FileSecretStore, Vault
 
         if self.vault_path:
             return Vault(self.vault_path)
@@ -381,8 +390,8 @@ class RunState:
         return Vault(private / "vault.json", secret_store=FileSecretStore(private / "secret"))
 
     def start_fake_upstream(self, extra_domains: tuple[str, ...] = ()) -> Any:
-        from .fakeupstream import FakeUpstream
-        from .manifest import KNOWN_PROVIDERS
+        from pytest_agentbox.backends.docker.fakeupstream import FakeUpstream
+        from pytest_agentbox.policy.manifest import KNOWN_PROVIDERS
 
         client = self.client()
         self.clean_up_once(client)
@@ -399,11 +408,11 @@ class RunState:
         self, item: Any, overrides: Mapping[str, Any], *, vault: Any, upstream: Any = None
     ) -> SandboxConfig:
         """Manifest + markers + factory overrides -> a validated SandboxConfig."""
-        from .egress import compute_policy
-        from .manifest import apply_overrides
-        from .manifest import resolve_key_routes as _routes
-        from .sandbox import SandboxConfig
-        from .state import Limits, StateStore
+        from pytest_agentbox.policy.egress import compute_policy
+        from pytest_agentbox.policy.manifest import apply_overrides
+        from pytest_agentbox.policy.manifest import resolve_key_routes as _routes
+        from pytest_agentbox.sandbox import SandboxConfig
+        from pytest_agentbox.state import Limits, StateStore
 
         merged: dict[str, Any] = {}
         for mark in reversed(list(item.iter_markers("agentbox"))):
@@ -466,7 +475,7 @@ class RunState:
             run_id=self.run_id,
         )
         if "cap_add" in rest:
-            from .sandbox import check_cap_add
+            from pytest_agentbox.sandbox import check_cap_add
 
             try:  # only the hardening set: anything else widens the engine's seccomp profile
                 config.cap_add = check_cap_add(rest["cap_add"])
@@ -489,7 +498,7 @@ class RunState:
         return keys
 
     def create_sandbox(self, config: SandboxConfig, on_created: Callable[[Sandbox], None]) -> Any:
-        from .sandbox import Sandbox
+        from pytest_agentbox.sandbox import Sandbox
 
         client = self.client()
         self.clean_up_once(client)

@@ -2,8 +2,8 @@
 
 This file is stdlib-only on purpose: the host runs it inside the sandbox as root, its
 source and then one JSON line of options given on stdin (see
-:func:`pytest_agentbox.engine.tool_command`). It prints one JSON line describing what it
-did. The host side (:func:`check`) turns that into pass, warning or a fail-closed
+:func:`pytest_agentbox.backends.docker.engine.tool_command`). It prints one JSON line
+describing what it did. The host side (:func:`check`) turns that into pass, warning or a fail-closed
 :class:`~pytest_agentbox.errors.HardeningError`.
 
 Steps, in order:
@@ -387,7 +387,7 @@ def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
     left writable, or a user whose home is not the capped home volume, always aborts:
     the agent could otherwise write past its storage cap onto the host's disk.
     """
-    from .errors import HardeningError
+    from pytest_agentbox.errors import HardeningError
 
     user = result.get("user") or {}
     if user.get("uid") == 0:
@@ -403,7 +403,7 @@ def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
             "code start through it. Use an image whose python3 and its directories are "
             "root-owned and not group- or world-writable."
         )
-    from .runner import is_loader_variable
+    from pytest_agentbox.inside.runner import is_loader_variable
 
     loader = [n for n in result.get("env_names") or [] if is_loader_variable(n)]
     if loader:

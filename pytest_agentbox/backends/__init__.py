@@ -1,0 +1,1 @@
+"""Backends: where boxes run. Only :mod:`.docker` imports the Docker SDK."""

@@ -1,0 +1,8 @@
+"""The pytest plugin: thin hooks and fixtures over the sandbox, vault and state code.
+
+- :mod:`.hooks`: the hooks and fixtures pytest loads (entry point ``agentbox``).
+- :mod:`.options`: every option's one precedence table (marker > CLI > env > ini > default).
+- :mod:`.session`: per-run state: engines, manifest, reports, clean-up.
+
+Nothing outside this subpackage imports pytest.
+"""
