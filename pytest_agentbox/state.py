@@ -1,12 +1,18 @@
-"""Allowlisted state snapshots: clean tar filtering, safe extraction, an atomic store.
+"""Allowlisted state snapshots: the clean tar filter (the safe extractor) and an atomic store.
 
 At teardown the sandbox streams ``/home/agent/<dir>`` out of the container for each of
 :data:`ALLOWED_DIRS`. That stream is untrusted: the agent chose every name, mode, link
 and declared size in it. :func:`clean_tar` turns it into a tar that holds only regular
 files and directories inside the allowed directories, with headers rebuilt from
-scratch, so the next sandbox's ``put_archive`` (extracted by the engine as root) can
-only create plain files owned by the agent user (seed: "State persistence allowlist",
-"Safe tar extraction").
+scratch (seed: "State persistence allowlist").
+
+Restore is the same filter again and then the engine: the stored tar is passed through
+:func:`clean_tar` once more (the store is a file on disk anything with the user's rights
+could have replaced) and the clean result is unpacked by the engine's archive API into
+the new sandbox's fresh home volume, before any user code has run there. So what the
+engine unpacks holds no absolute name, no ``..``, no link of any kind, no device, no
+setid bit, only members of the four directories, owned by the agent user; and the tree
+it lands in holds nothing the agent made (seed: "Safe tar extraction").
 
 Everything streams: no member's data is held in memory, whatever its size. The tar
 headers are parsed here, not by :mod:`tarfile`, for the bounded subset we accept:
@@ -32,7 +38,6 @@ the allowed dirs is dropped and reported.
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import hashlib
 import io
@@ -650,103 +655,6 @@ class _TarSink:
         self._dst = None
 
 
-class _DirSink:
-    """Writes members under a host directory, never following a symlink found there."""
-
-    _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-    def __init__(self, dest: Path) -> None:
-        dest.mkdir(parents=True, exist_ok=True)
-        self._root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-    def _open_dir(self, parts: Sequence[str]) -> int:
-        """Open ``parts`` below the root one component at a time, refusing symlinks."""
-        fd = os.dup(self._root)
-        try:
-            for part in parts:
-                nxt = os.open(part, self._DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = nxt
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def add_dir(self, name: str, mode: int, mtime: int) -> str | None:
-        *parents, last = name.split("/")
-        try:
-            pfd = self._open_dir(parents)
-        except OSError as exc:
-            return _dest_reason(exc)
-        try:
-            created = True
-            try:
-                os.mkdir(last, 0o700, dir_fd=pfd)
-            except FileExistsError:
-                created = False
-            # O_NOFOLLOW: an existing entry must be a real directory, not a symlink.
-            fd = os.open(last, self._DIR_FLAGS, dir_fd=pfd)
-            if created:  # exactly 0o755 whatever the umask is
-                os.fchmod(fd, 0o755)
-            os.close(fd)
-        except OSError as exc:
-            return _dest_reason(exc)
-        finally:
-            os.close(pfd)
-        return None
-
-    def add_file(
-        self, name: str, mode: int, mtime: int, size: int, data: IO[bytes] | _MemberData
-    ) -> str | None:
-        *parents, last = name.split("/")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            pfd = self._open_dir(parents)
-        except OSError as exc:
-            return _dest_reason(exc)
-        try:
-            fd = os.open(last, flags, 0o600, dir_fd=pfd)
-        except OSError as exc:
-            return _dest_reason(exc)
-        finally:
-            os.close(pfd)
-        with os.fdopen(fd, "wb") as out:
-            _copy(data, out, size)
-            os.fchmod(out.fileno(), mode)
-            out.flush()
-            os.utime(out.fileno(), (mtime, mtime))
-        return None
-
-    def copy_file(self, name: str, mode: int, mtime: int, size: int, of: str) -> str | None:
-        *parents, last = of.split("/")
-        try:
-            pfd = self._open_dir(parents)
-        except OSError as exc:
-            return _dest_reason(exc)
-        try:
-            fd = os.open(last, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-        except OSError as exc:
-            return _dest_reason(exc)
-        finally:
-            os.close(pfd)
-        with os.fdopen(fd, "rb") as src:
-            st = os.fstat(src.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-                return "hard link target changed in destination"
-            return self.add_file(name, mode, mtime, size, src)
-
-    def close(self) -> None:
-        os.close(self._root)
-
-
-def _dest_reason(exc: OSError) -> str:
-    if exc.errno == errno.EEXIST:
-        return "exists in destination"
-    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-        return "symlink or non-directory in destination"
-    raise StateError(f"cannot write restored state: {exc.strerror}") from exc
-
-
 def _copy(src: IO[bytes] | _MemberData, dst: IO[bytes], n: int) -> None:
     while n:
         block = src.read(min(n, _COPY_CHUNK))
@@ -768,7 +676,7 @@ class _Link:
 
 
 class _Cleaner:
-    """The member checks shared by clean_tar, safe_extract and StateStore.save_from.
+    """The member checks shared by clean_tar and StateStore.save_from.
 
     One instance spans all sources of a snapshot, so duplicates, caps, the read budget
     and hard links are judged on the merged result. Call :meth:`finish` after the last
@@ -1047,31 +955,6 @@ def _clean_sources(
         if close is not None:  # a generator of engine streams closes the open one now
             close()
     sink.close()
-    return cleaner.report
-
-
-def safe_extract(
-    src: IO[bytes] | Iterable[bytes],
-    dest: Path,
-    *,
-    limits: Limits = DEFAULT_LIMITS,
-    allowed_dirs: Sequence[str] | None = ALLOWED_DIRS,
-) -> FilterReport:
-    """Extract the untrusted tar ``src`` under ``dest`` with :func:`clean_tar`'s checks.
-
-    Files are created with ``O_EXCL | O_NOFOLLOW`` relative to directory descriptors
-    opened with ``O_NOFOLLOW``, so a symlink already in ``dest`` is never followed and
-    an existing file is never overwritten (both are reported as dropped). Directories
-    are created 0o755. ``allowed_dirs=None`` accepts any relative name. A hard link
-    becomes a copy of the file it names.
-    """
-    sink = _DirSink(Path(dest))
-    try:
-        cleaner = _Cleaner(sink, limits, allowed_dirs)
-        cleaner.feed(src)
-        cleaner.finish()
-    finally:
-        sink.close()
     return cleaner.report
 
 

