@@ -194,3 +194,41 @@ def test_report_redacts_encoded_keys(random_key: str) -> None:
         # Nothing left that decodes back to the key.
         assert random_key[4:-4] not in text and raw.hex()[8:-8] not in text.lower()
     assert redact("nothing secret here") == "nothing secret here"
+
+
+LEAKY_TEST = """
+import base64, logging, sys
+import pytest
+
+KEY = {key!r}
+
+@pytest.mark.agentbox_keys("openai")
+def test_leaky(vault, sandbox_factory, fake_upstream):
+    vault.add("openai", KEY)
+    sb = sandbox_factory()
+    print("stdout", KEY, KEY.encode().hex().upper())
+    print("stderr", base64.b64encode(KEY.encode()).decode(), file=sys.stderr)
+    logging.getLogger("agent").warning("log %s", KEY)
+    out = sb.run("echo $OPENAI_API_KEY").stdout.strip()  # the agent's token, not the key
+    print("token", out)
+    assert out == KEY
+"""
+
+
+def test_pytest_captured_output_and_failure_text_are_redacted(
+    pytester: pytest.Pytester, docker_client: Any, base_image: str, random_key: str
+) -> None:
+    # The key never reaches the agent, but the test's own code may print it: pytest's
+    # captured stdout/stderr/log sections and the assertion text are redacted too.
+    pytester.makepyfile(LEAKY_TEST.format(key=random_key))
+    junit = pytester.path / "junit.xml"
+    result = run_inner(pytester, base_image, "-rA", f"--junitxml={junit}")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str() + result.stderr.str() + junit.read_text()
+    for section in ("Captured stdout call", "Captured stderr call", "Captured log call"):
+        assert section in out, section
+    assert "[redacted]" in out
+    lowered = out.lower()
+    assert random_key.lower() not in lowered
+    assert random_key.encode().hex() not in lowered
+    assert random_key[4:-4] not in out

@@ -185,6 +185,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and sandboxes:
         for title, text in abs_session.report_sections(sandboxes):
             report.sections.append((f"agentbox: {title}", text))
+    if sandboxes:
+        abs_session.redact_report(report, sandboxes)
     return report
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "RunState",
     "choose_engine",
     "close_all",
+    "redact_report",
     "report_sections",
     "setup_summary",
 ]
@@ -139,6 +140,27 @@ def _json_spelled(secret: str) -> str:
     return "".join(parts)
 
 
+def _hidden(sb: Sandbox) -> list[str]:
+    """What a report must never show of ``sb``: its real keys and the agent's tokens."""
+    routes = {r.env_var for r in sb.config.key_routes}
+    return list(sb.config.keys.values()) + [v for k, v in sb.env.items() if k in routes]
+
+
+def redact_report(report: Any, sandboxes: list[Sandbox]) -> None:
+    """Redact pytest's own parts of ``report`` (captured output and log sections, the
+    failure text) for the keys and tokens of ``sandboxes``: a test that prints a command's
+    output, or an assertion that shows it, must not carry a key into the report."""
+    hidden = [h for sb in sandboxes for h in _hidden(sb)]
+    if not hidden:
+        return
+    redact = redactor(hidden)
+    report.sections = [(redact(title), redact(text)) for title, text in report.sections]
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        if redact(text) != text:  # only then: the original keeps its structure for xdist
+            report.longrepr = redact(text)
+
+
 def report_sections(sandboxes: list[Sandbox]) -> list[tuple[str, str]]:
     """Report sections for a failed test: setup, egress policy, commands, logs, state.
 
@@ -148,10 +170,7 @@ def report_sections(sandboxes: list[Sandbox]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for i, sb in enumerate(sandboxes):
         tag = f" #{i + 1}" if len(sandboxes) > 1 else ""
-        hidden = list(sb.config.keys.values()) + [
-            v for k, v in sb.env.items() if k in {r.env_var for r in sb.config.key_routes}
-        ]
-        redact = redactor(hidden)
+        redact = redactor(_hidden(sb))
         logs = sb.collect_logs()
         steps = "\n".join(f"{s.name:<18} {s.seconds:7.3f}s" for s in sb.steps)
         steps += "".join(f"\nwarning: {w}" for w in sb.warnings)
