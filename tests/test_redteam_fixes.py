@@ -506,3 +506,57 @@ def test_a_daemons_stderr_stays_out_unless_asked_for(
     script = f"read -r _; echo 'Traceback: {random_key}' >&2; exit 1"
     ready = engine.start_daemon(docker_client, plain_container.id, ["/bin/sh", "-c", script], {})
     assert ready == {}, ready
+
+
+PRELOAD_C = rb"""
+#include <fcntl.h>
+#include <unistd.h>
+__attribute__((constructor)) static void mark(void) {
+    int fd = open("/tmp/agentbox-preloaded", O_WRONLY | O_CREAT | O_APPEND, 0666);
+    if (fd >= 0) { write(fd, "loaded\n", 7); close(fd); }
+}
+"""
+
+
+def test_an_image_ld_preload_never_runs_in_the_key_holding_sidecar(
+    internal_net: Any, make_sandbox: Any, docker_client: Any, base_image: str, tmp_path: Any
+) -> None:
+    # The sidecar runs from the sandbox's image and holds the real keys: a library the
+    # image's ENV preloads would run inside it, before any of our code.
+    import io
+    import shutil
+    import subprocess
+    import tarfile
+
+    from pytest_agentbox.backends.docker import engine
+    from pytest_agentbox.policy.egress import compute_policy
+
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc on the host to build the marker library")
+    (tmp_path / "mark.c").write_bytes(PRELOAD_C)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "mark.so"),
+                    str(tmp_path / "mark.c")], check=True)  # fmt: skip
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        dockerfile = (f"FROM {base_image}\nCOPY mark.so /opt/mark.so\n"
+                      "ENV LD_PRELOAD=/opt/mark.so\n").encode()  # fmt: skip
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tar.addfile(info, io.BytesIO(dockerfile))
+        tar.add(str(tmp_path / "mark.so"), arcname="mark.so")
+    tag = f"agentbox-test/preload-so:{secrets.token_hex(4)}"
+    docker_client.images.build(fileobj=io.BytesIO(context.getvalue()), custom_context=True,
+                               tag=tag, rm=True)  # fmt: skip
+    try:
+        policy = compute_policy(declared=["api.example.test"], key_domains=[],
+                                has_setup_command=False, unrestricted=False)  # fmt: skip
+        sb = make_sandbox(image=tag, egress=policy, egress_network=internal_net.name)
+        # The agent's commands get the image's LD_PRELOAD, as the image says: the marker
+        # proves the library works in this image.
+        sb.run("true")
+        assert sb.read_file("/tmp/agentbox-preloaded").startswith(b"loaded")
+        sidecar = docker_client.containers.get(sb.sidecar.container.id)
+        assert engine.read_archive_file(sidecar, "/tmp/agentbox-preloaded") is None
+        assert not [v for v in sidecar.attrs["Config"]["Env"] if v.startswith("LD_PRELOAD=")]
+    finally:
+        docker_client.images.remove(tag, force=True)

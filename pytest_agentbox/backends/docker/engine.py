@@ -369,6 +369,15 @@ def ensure_image(client: Any, image: str) -> None:
     _images_seen.setdefault(key, set()).add(image)
 
 
+def loader_unset(client: Any, image: str) -> dict[str, str | None]:
+    """The loader variables ``image``'s ENV sets, each mapped to None: given as a box's
+    or an exec's environment, the engine leaves them out (an entry without ``=``)."""
+    from pytest_agentbox.inside.runner import is_loader_variable
+
+    env = client.images.get(image).attrs.get("Config", {}).get("Env") or []
+    return {n: None for n in (v.split("=", 1)[0] for v in env) if is_loader_variable(n)}
+
+
 def _engine_arg(spec: EngineSpec) -> str:
     return "" if spec.from_environment else f" --engine {spec.text}"
 

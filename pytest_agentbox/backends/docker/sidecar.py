@@ -108,6 +108,9 @@ def start(
     argv, source = engine.tool_command("supervisor.py")
     container = client.containers.create(
         config.image,
+        # This box holds the real keys and runs from an image we do not control: the
+        # loader must not act on the image's LD_PRELOAD and friends before our code.
+        environment=engine.loader_unset(client, config.image),
         entrypoint=argv[:1],  # not the image's ENTRYPOINT, nor its HEALTHCHECK
         command=argv[1:],
         healthcheck={"test": ["NONE"]},
