@@ -185,6 +185,11 @@ class Box(Protocol):
     @property
     def short_id(self) -> str: ...
     @property
+    def name(self) -> str:
+        """The box's name on its backend (what :meth:`Backend.owned` lists)."""
+        ...
+
+    @property
     def image_id(self) -> str:
         """The id of the image the box was made from (immutable: a cache key)."""
         ...
@@ -328,8 +333,11 @@ class Backend(Protocol):
         """Every object with our labels (of one run, when given)."""
         ...
 
-    def clean_up_dead_owners(self, *, dry_run: bool = False) -> list[Any]:
-        """Remove (or list) what owners that are gone left behind; never others'."""
+    def clean_up_dead_owners(
+        self, *, dry_run: bool = False, run_id: str | None = None
+    ) -> list[Any]:
+        """Remove (or list) what owners that are gone left behind (of one run, when
+        given); never what a live owner holds, nor anything without our labels."""
         ...
 
 

@@ -101,6 +101,10 @@ class DockerBox:
         return str(self._container.short_id)
 
     @property
+    def name(self) -> str:
+        return str(self._container.name)
+
+    @property
     def image_id(self) -> str:
         return self._image_id
 
@@ -331,8 +335,10 @@ class DockerBackend:
         ]
         return found
 
-    def clean_up_dead_owners(self, *, dry_run: bool = False) -> list[cleanup.Leaked]:
-        return cleanup.collect(self.client, dry_run=dry_run)
+    def clean_up_dead_owners(
+        self, *, dry_run: bool = False, run_id: str | None = None
+    ) -> list[cleanup.Leaked]:
+        return cleanup.collect(self.client, dry_run=dry_run, run_id=run_id)
 
     def copy_image_from(self, source: DockerBackend, tag: str) -> None:
         """``docker save TAG | docker load`` from ``source``'s engine to this one."""
