@@ -78,7 +78,9 @@ def egress_sandbox(
         extra_ca_pem=upstream.ca_pem,
         egress_pins=upstream.pins,
     )
-    return Sandbox.create(config, client)
+    from pytest_agentbox.backends.docker.box import DockerBackend
+
+    return Sandbox.create(config, DockerBackend.from_client(client))
 
 
 def run_json(sb: Sandbox, script: str, *args: str, timeout: float = 120.0) -> Any:
@@ -197,9 +199,9 @@ def nodelay_tools() -> Iterator[None]:
     Swaps the in-process function that reads the root tools shipped into a sandbox,
     so the suggested fix can be measured without editing the product files.
     """
-    from pytest_agentbox.backends.docker import engine
+    from pytest_agentbox.backends import tools
 
-    original = engine.tool_source
+    original = tools.tool_source
 
     def patched(name: str) -> bytes:
         source = original(name).decode()
@@ -210,8 +212,8 @@ def nodelay_tools() -> Iterator[None]:
                 source = source.replace(anchor, anchor + line)
         return source.encode()
 
-    engine.tool_source = patched  # type: ignore[assignment]
+    tools.tool_source = patched  # type: ignore[assignment]
     try:
         yield
     finally:
-        engine.tool_source = original  # type: ignore[assignment]
+        tools.tool_source = original  # type: ignore[assignment]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_agentbox.backends.docker import engine
+from pytest_agentbox.backends.docker.box import DockerBackend
 from pytest_agentbox.sandbox import DEFAULT_IMAGE, Sandbox, SandboxConfig
 
 
@@ -72,7 +73,7 @@ def main() -> None:
                 configs.append(("keyed sandbox", keyed_config(args.image, upstream)))
             for kind, config in configs:
                 t = time.perf_counter()
-                sb = Sandbox.create(config, client)
+                sb = Sandbox.create(config, DockerBackend.from_client(client))
                 sb.close()
                 times[kind].append(time.perf_counter() - t)
                 for s in sb.steps:

@@ -52,7 +52,9 @@ SMALL_FILES = (
 
 def make(client: Any, image: str, store: StateStore, scope: str | None) -> Sandbox:
     cfg = SandboxConfig(image=image, state_scope=scope, state_store=store if scope else None)
-    return Sandbox.create(cfg, client)
+    from pytest_agentbox.backends.docker.box import DockerBackend
+
+    return Sandbox.create(cfg, DockerBackend.from_client(client))
 
 
 def seed(client: Any, image: str, store: StateStore, scope: str, command: list[str]) -> None:

@@ -58,7 +58,7 @@ def main() -> None:
     try:
         up.program([{"path": "/v1/big", "body_size": size * MB}])
         with egress_sandbox(client, DEFAULT_IMAGE, up, keys=True) as sb:
-            ids = tuple(c.id for c in (up.container, sb.container, sb.sidecar.container))
+            ids = (up.container.id, sb.container_id, sb.sidecar.id)
             for mode in ("direct", "proxied", "direct", "proxied"):
                 before = cpu_by_pid(ids)
                 res: Any = run_json(sb, CLIENT, mode, "download", "/v1/big", "1")

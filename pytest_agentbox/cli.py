@@ -113,26 +113,15 @@ def _engine(url: str) -> Any:
 
 def _copy_image(tag: str, source: Any, target: Any) -> None:
     """``docker save TAG | docker load`` between two engines, streamed through the API."""
-    from docker.errors import ImageNotFound
+    from pytest_agentbox.backends.docker.box import DockerBackend
 
-    from pytest_agentbox.backends.docker import engine
-
-    src, dst = engine.get_client(source), engine.get_client(target)
-    try:
-        image = src.images.get(tag)
-    except ImageNotFound:
-        raise AgentboxError(
-            f"image {tag!r} is not on {source.text}: build it there first "
-            f"(`agentbox image build --engine {source.text}`)"
-        ) from None
-    print(f"agentbox: copying {tag} from {source.text} to {target.text}", flush=True)
-    dst.images.load(image.save(named=True))
-    dst.images.get(tag)  # loaded under its name, or ImageNotFound says it was not
-    print(f"agentbox: {tag} is on {target.text}")
+    src = DockerBackend(source)  # the source is asked first, as before the seam
+    DockerBackend(target).copy_image_from(src, tag)
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    from pytest_agentbox.backends.docker import cleanup, engine
+    from pytest_agentbox.backends.base import backend_for
+    from pytest_agentbox.backends.docker import engine
     from pytest_agentbox.errors import DockerUnavailable
 
     urls = args.engine or _setting("engine")
@@ -142,7 +131,8 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     for spec in specs:
         where = f" on {spec.text}" if len(specs) > 1 or not spec.from_environment else ""
         try:
-            leaked = cleanup.collect(engine.get_client(spec), dry_run=args.dry_run)
+            backend = backend_for(None if spec.from_environment else spec.text)
+            leaked = backend.clean_up_dead_owners(dry_run=args.dry_run)
         except DockerUnavailable as exc:  # the other engines are still cleaned
             print(f"agentbox: error: {exc}", file=sys.stderr)
             status = EXIT_ERROR

@@ -38,8 +38,22 @@ from pathlib import Path
 from typing import Any
 
 from pytest_agentbox import paths
-from pytest_agentbox.backends.docker import engine
-from pytest_agentbox.backends.docker.engine import DEFAULT_IMAGE
+from pytest_agentbox.backends import tools
+from pytest_agentbox.backends.base import (
+    DEFAULT_IMAGE,
+    MAX_OUTPUT,
+    Backend,
+    Box,
+    BoxSpec,
+    Channel,
+    ExecConfig,
+    ExecOutput,
+    ExecStream,
+    Sidecar,
+    Volume,
+    backend_for,
+    start_daemon,
+)
 from pytest_agentbox.errors import AgentboxError, HardeningError, KeyProxyError, SetupCommandFailed
 from pytest_agentbox.inside import hardening
 from pytest_agentbox.policy.manifest import KeyRoute, Resources, format_size
@@ -130,7 +144,7 @@ def check_timeout(value: Any, what: str = "timeout") -> float:
     return float(value)
 
 
-_PATH = ":".join(engine.SYSTEM_DIRS)
+_PATH = ":".join(tools.SYSTEM_DIRS)
 
 # The container's main process: it reads its stdin (the owner's attach socket) until
 # end-of-file, so the container stops as soon as the owning process is gone. Only the
@@ -152,10 +166,10 @@ MAX_HOME_SEED = 32 * 1024 * 1024
 
 def _runner_source() -> str:
     """The user-command runner, behind the seccomp filter it installs first."""
-    return (engine.tool_source("userfilter.py") + b"\n" + engine.tool_source("runner.py")).decode()
+    return (tools.tool_source("userfilter.py") + b"\n" + tools.tool_source("runner.py")).decode()
 
 
-def _root_step_failure(cmd: list[str], out: engine.ExecOutput) -> str:
+def _root_step_failure(cmd: list[str], out: ExecOutput) -> str:
     """What went wrong in a root setup step that gave no result line, and what to do."""
     err = out.stderr.decode(errors="replace").strip()
     said = err[-700:] or "nothing on stderr; stdout ended with: " + (
@@ -164,7 +178,7 @@ def _root_step_failure(cmd: list[str], out: engine.ExecOutput) -> str:
     step = next((a for a in cmd if a.endswith(".py")), cmd[0])
     head = f"sandbox root setup step {step} failed (exit {out.exit_code}): {said}"
     if "agentbox: no python3 in the image" in err:
-        return f"{head}. The image needs python3 in one of {', '.join(engine.SYSTEM_DIRS)}."
+        return f"{head}. The image needs python3 in one of {', '.join(tools.SYSTEM_DIRS)}."
     if "OCI runtime exec failed" in err or (out.exit_code in (126, 127) and not out.stdout):
         return f"{head}. The engine could not start {cmd[0]}: the image needs it (a POSIX shell)."
     if out.exit_code == 0:
@@ -245,6 +259,47 @@ class SandboxConfig:
         self.timeout = check_timeout(self.timeout)
         self.setup_timeout = check_timeout(self.setup_timeout, "setup_timeout")
 
+    def box_spec(self, labels: Mapping[str, str] | None = None) -> BoxSpec:
+        """What the sandbox's box is: image, user, limits, network mode, runtime, labels,
+        main command and capabilities, without what a test adds (keys, routes, tokens,
+        state, env overrides). ``labels``: the owner's (default: this process's)."""
+        res = self.resources
+        unrestricted = self.egress is not None and self.egress.unrestricted
+        home = f"/home/{self.user}"
+        return BoxSpec(
+            image=self.image,
+            command=tuple(_MAIN),
+            user="0",  # the main process; user code never runs as it (runner.py)
+            agent_user=self.user,
+            agent_uid=self.uid,
+            hostname="agentbox",
+            env=self.create_env(),
+            labels=dict(labels if labels is not None else self.owner().labels("sandbox")),
+            role="sandbox",
+            memory_bytes=res.memory_bytes,
+            cpus=res.cpus,
+            pids=res.pids,
+            disk_bytes=res.disk_bytes,
+            writable=((home, 0o700), ("/tmp", 0o1777)),
+            # The agent itself joins it only when unrestricted: never the host's namespace.
+            network=self.egress_network if unrestricted else None,
+            runtime=self.runtime,
+            cap_add=tuple(self.cap_add),
+        )
+
+    def owner(self) -> paths.Owner:
+        """The labels' owner: this process, in this config's run."""
+        return paths.Owner.current(self.run_id)
+
+    def create_env(self) -> dict[str, str]:
+        """The box's create-time environment: the allowlisted host variables and PATH."""
+        import os
+
+        host = os.environ if self.host_env is None else self.host_env
+        env = {k: host[k] for k in FORWARDED_ENV if k in host}
+        env["PATH"] = _PATH
+        return env
+
 
 @dataclass
 class Step:
@@ -253,16 +308,21 @@ class Step:
 
 
 class Sandbox:
-    """A running, hardened sandbox. Create it with :meth:`Sandbox.create`."""
+    """A running, hardened sandbox. Create it with :meth:`Sandbox.create`.
 
-    def __init__(self, config: SandboxConfig, client: Any) -> None:
+    Everything it does to its box goes through ``backend``
+    (:class:`~pytest_agentbox.backends.base.Backend`) and the box it made
+    (:class:`~pytest_agentbox.backends.base.Box`).
+    """
+
+    def __init__(self, config: SandboxConfig, backend: Backend) -> None:
         self.config = config
-        self._client = client
-        self.container: Any = None
-        self.sidecar: Any = None  # sidecar.Sidecar
-        self.volume: Any = None
-        self.storage_volumes: list[Any] = []  # the home's and /tmp's tmpfs volumes
-        self._channel: Any = None  # the owner's attach socket to the main process
+        self.backend = backend
+        self.box: Box | None = None
+        self.sidecar: Sidecar | None = None
+        self.volume: Volume | None = None  # shared with the sidecar (its sockets)
+        self.storage_volumes: list[Volume] = []  # the home's and /tmp's capped volumes
+        self._channel: Channel | None = None  # the owner's hold on the main process
         self._python = ""  # the image's python3, absolute, checked root-owned by hardening
         self._runner_python = ""  # its execute-only copy, which user commands start from
         self._user_code_ran = False
@@ -295,19 +355,27 @@ class Sandbox:
     def create(
         cls,
         config: SandboxConfig,
-        client: Any = None,
+        backend: Backend | None = None,
         *,
         on_created: Callable[[Sandbox], None] | None = None,
     ) -> Sandbox:
         """Create, harden and set up a sandbox; on any failure nothing is left behind.
 
-        ``on_created`` receives the sandbox before any step runs, so a caller's teardown
-        can find it (and its report sections) even when setup fails.
+        ``backend``: where the box runs (default: :func:`~pytest_agentbox.backends.base.
+        backend_for` the environment's engine). ``on_created`` receives the sandbox before
+        any step runs, so a caller's teardown can find it (and its report sections) even
+        when setup fails.
         """
         # Again here: a field assigned after construction never went through the checks.
         config.validate()
-        client = client or engine.get_client()
-        sb = cls(config, client)
+        if backend is None:
+            backend = backend_for(None)
+        elif not isinstance(backend, Backend):
+            raise TypeError(
+                f"Sandbox.create: {type(backend).__name__} is not a backend; wrap a docker "
+                "client in pytest_agentbox.backends.docker.box.DockerBackend.from_client()"
+            )
+        sb = cls(config, backend)
         if on_created is not None:
             on_created(sb)
         start = time.monotonic()
@@ -349,13 +417,13 @@ class Sandbox:
 
     def _setup(self) -> None:
         cfg = self.config
-        engine.ensure_image(self._client, cfg.image)
-        owner = paths.Owner.current(cfg.run_id)
+        self.backend.ensure_image(cfg.image)
+        owner = cfg.owner()
         routes, agent_allow = self._routes(), self._agent_allow()
         if routes or agent_allow:
-            from pytest_agentbox.backends.docker import sidecar
-
-            self.volume = sidecar.create_volume(self._client, owner)
+            self.volume = self.backend.create_volume(
+                paths.unique_name("egress"), owner.labels("egress")
+            )
         # The sidecar needs nothing from the sandbox but the volume: its engine work
         # overlaps the sandbox's own. Leaving the block waits for it, whatever happened,
         # so close() always sees it.
@@ -398,7 +466,7 @@ class Sandbox:
         Read through the engine from a container that never starts (the sandbox's own
         would show the empty volume), once per image and process.
         """
-        key = (str(self.container.attrs.get("Image", "")), self._storage_home)
+        key = (self._box.image_id, self._storage_home)
         if key not in _HOME_SEEDS:
             _HOME_SEEDS[key] = self._read_home_seed(owner, key)
         seed = _HOME_SEEDS[key]
@@ -409,19 +477,9 @@ class Sandbox:
 
     def _read_home_seed(self, owner: paths.Owner, key: tuple[str, str]) -> str:
         with self._step("read image home"):
-            probe = self._client.containers.create(
-                key[0], entrypoint=["/bin/true"], command=[], network_mode="none",
-                name=paths.unique_name("seed"), labels=owner.labels("seed"),
-            )  # fmt: skip
-            try:
-                archive = engine.open_engine_archive(probe, key[1])
-                data = b""
-                if archive is not None:
-                    with archive:
-                        data = archive.read(MAX_HOME_SEED + 1) or b""
-            finally:
-                with contextlib.suppress(Exception):
-                    probe.remove(force=True, v=True)  # and any image VOLUME it made
+            data = self.backend.read_image_tar(
+                key[0], key[1], limit=MAX_HOME_SEED + 1, labels=owner.labels("seed")
+            )
         if len(data) > MAX_HOME_SEED:
             raise AgentboxError(
                 f"image {self.config.image!r}: its {key[1]} holds more than "
@@ -432,22 +490,18 @@ class Sandbox:
         return base64.b64encode(data).decode()
 
     def _harden(self, seed: str) -> dict[str, Any]:
-        image_id = str(self.container.attrs.get("Image", ""))
+        image_id = self._box.image_id
         ours = {self._egress_dir, self._storage_home, "/tmp"}
         # Image VOLUMEs are file systems of their own, filled from the image: scanned too.
         # Not the home and /tmp: nosuid, and filled only by the root step, setid bits off.
-        volumes = [
-            m["Destination"]
-            for m in self.container.attrs.get("Mounts") or []
-            if m.get("Type") == "volume" and m.get("Destination") not in ours
-        ]
+        volumes = [m for m in self._box.volume_mounts if m not in ours]
         opts = {
             "user": self.config.user,
             "uid": self.config.uid,
             "tools_dir": self._tools_dir,
             # Written by root into the 0700 directory: no archive upload (each costs the
             # engine a process start), and the agent can neither read nor replace it.
-            "tools": {"egressproxy.py": engine.tool_source("egressproxy.py").decode()}
+            "tools": {"egressproxy.py": tools.tool_source("egressproxy.py").decode()}
             if self.volume is not None
             else {},
             "app": "app" if self.config.code_dir is None else None,
@@ -461,11 +515,11 @@ class Sandbox:
                 "home": self._storage_home,
                 "tmp": "/tmp",
                 "cap": format_size(self.config.resources.disk_bytes),
-                "quota": engine.storage_quota(self._client),
+                "quota": self._storage_quota(),
                 "seed": seed,
             },
         }
-        argv, source = engine.tool_command("hardening.py")
+        argv, source = tools.tool_command("hardening.py")
         report = self._root_json(argv, stdin=source + json.dumps(opts).encode() + b"\n")
         self.hardening = report
         self.warnings += hardening.check(
@@ -482,66 +536,44 @@ class Sandbox:
 
     def _create_container(self, owner: paths.Owner) -> None:
         cfg = self.config
-        res = cfg.resources
-        unrestricted = cfg.egress is not None and cfg.egress.unrestricted
-        volumes = {}
+        spec = cfg.box_spec(owner.labels("sandbox"))
+        mounts: dict[str, Volume] = {}
         if self.volume is not None:
-            volumes[self.volume.name] = {"bind": self._egress_dir, "mode": "rw"}
+            mounts[self._egress_dir] = self.volume
         # The only places the agent can write once hardening made / read-only: RAM,
         # capped, gone with the container (so the snapshot is taken while it runs).
-        for where, mode in ((self._storage_home, 0o700), ("/tmp", 0o1777)):
-            vol = engine.create_tmpfs_volume(
-                self._client, paths.unique_name("storage"), owner.labels("storage"),
-                size=res.disk_bytes, mode=mode,
+        for where, mode in spec.writable:
+            vol = self.backend.create_volume(
+                paths.unique_name("storage"), owner.labels("storage"),
+                size=spec.disk_bytes, mode=mode,
             )  # fmt: skip
             self.storage_volumes.append(vol)
-            volumes[vol.name] = {"bind": where, "mode": "rw"}
+            mounts[where] = vol
         self._check_memory()
         self._check_runtime()
-        if unrestricted:  # the agent itself joins it: never the host's namespace
-            from pytest_agentbox.backends.docker import sidecar
-
-            sidecar.check_network(self._client, cfg.egress_network)
-        self.container = self._create(
-            cfg.image,
-            # Neither the image's ENTRYPOINT nor its HEALTHCHECK may run: both would run
-            # as root, the health check periodically, after user code.
-            entrypoint=_MAIN[:1],
-            command=_MAIN[1:],
-            healthcheck={"test": ["NONE"]},
-            name=paths.unique_name("sandbox"),
-            hostname="agentbox",
-            user="0",
-            init=True,
-            environment=self._create_env(),
-            labels=owner.labels("sandbox"),
-            network_mode=cfg.egress_network if unrestricted else "none",
-            cap_drop=["ALL"],
-            cap_add=list(cfg.cap_add),
-            security_opt=["no-new-privileges"],
-            mem_limit=res.memory,
-            memswap_limit=res.memory,
-            nano_cpus=int(res.cpus * 1e9),
-            pids_limit=res.pids,
-            volumes=volumes,
-            runtime=cfg.runtime,
-            # With detach=False the SDK sets StdinOnce: stdin ends when our attach does.
-            stdin_open=True,
-            detach=False,
-        )
+        if spec.network is not None:  # the agent itself joins it: never the host's namespace
+            self.backend.check_network(spec.network)
+        self.box = self._create(spec, mounts)
         self._register()
-        self._channel = engine.attach(self._client, self.container.id)
-        self.container.start()
+        self._channel = self.box.attach()
+        self.box.start()
 
-    def _create(self, image: str, **kwargs: Any) -> Any:
-        """``containers.create``, its out-of-space error said in terms of the cap.
+    @property
+    def _box(self) -> Box:
+        """The box, once created (every step after creation uses it)."""
+        if self.box is None:
+            raise AgentboxError("the sandbox has no box yet (or no longer)")
+        return self.box
+
+    def _create(self, spec: BoxSpec, mounts: Mapping[str, Volume]) -> Box:
+        """``backend.create_box``, its out-of-space error said in terms of the cap.
 
         The engine copies the image's files at each volume's path into the new volume
         at create time (the copy is then hidden by the tmpfs): an image home or /tmp
         larger than the cap fails that copy.
         """
         try:
-            return self._client.containers.create(image, **kwargs)
+            return self.backend.create_box(spec, mounts=mounts)
         except Exception as exc:
             if "no space left on device" not in str(exc).lower():
                 raise
@@ -560,7 +592,7 @@ class Sandbox:
         """Refuse a memory limit above the engine's whole memory (clear, before create)."""
         want = self.config.resources.memory_bytes
         try:
-            total = int(engine.engine_info(self._client).get("MemTotal") or 0)
+            total = self.backend.info().memory_total
         except Exception:  # no figure: the engine enforces what it can
             total = 0
         if total and want > total:
@@ -577,7 +609,7 @@ class Sandbox:
         want = self.config.runtime
         if not want:
             return
-        have = sorted(engine.engine_info(self._client).get("Runtimes") or {})
+        have = sorted(self.backend.info().runtimes)
         if want not in have:
             raise AgentboxError(
                 f"runtime {want!r} is not registered with this Docker engine (it has: "
@@ -586,22 +618,21 @@ class Sandbox:
                 "/ the manifest's runtime.isolation; for gVisor see scripts/engine2."
             )
 
+    def _storage_quota(self) -> str:
+        """The engine's word on capping a box's own writable layer, for the report."""
+        try:
+            return self.backend.info().storage_quota
+        except Exception as exc:  # only a description: never the reason a sandbox fails
+            return f"unknown ({type(exc).__name__})"
+
     def _register(self) -> None:
         with _LIVE_LOCK:
-            _LIVE[self.container.id] = self
+            _LIVE[self._box.id] = self
 
     # ---- environment -----------------------------------------------------------
 
-    def _create_env(self) -> dict[str, str]:
-        import os
-
-        host = os.environ if self.config.host_env is None else self.config.host_env
-        env = {k: host[k] for k in FORWARDED_ENV if k in host}
-        env["PATH"] = _PATH
-        return env
-
     def _base_env(self) -> dict[str, str]:
-        env = self._create_env()
+        env = self.config.create_env()
         env.update(
             HOME=self.home,
             USER=self.user["name"],
@@ -617,7 +648,8 @@ class Sandbox:
 
     @property
     def container_id(self) -> str:
-        return str(self.container.id)
+        """The box's id on its backend (a container id on Docker)."""
+        return self._box.id
 
     @property
     def user_spec(self) -> str:
@@ -639,19 +671,16 @@ class Sandbox:
         names = (v.split("=", 1)[0] for v in self._container_env())
         return {name: None for name in names if is_loader_variable(name)}
 
-    def _root_exec(self, cmd: list[str], stdin: bytes | None = None) -> engine.ExecOutput:
+    def _root_exec(self, cmd: list[str], stdin: bytes | None = None) -> ExecOutput:
         self._refuse_root_after_user_code()
-        return engine.exec_run(
-            self._client, self.container.id, cmd, user="0", stdin=stdin, env=self._root_env()
-        )
+        return self._box.exec(ExecConfig(cmd, user="0", stdin=stdin, env=self._root_env()))
 
     def _root_daemon(self, cmd: list[str], config: Mapping[str, Any]) -> dict[str, Any]:
         # The same guard as every root exec: a daemon is a root process that stays.
         self._refuse_root_after_user_code()
         # with_stderr: the forwarder's config holds socket paths only, no secret.
-        return engine.start_daemon(
-            self._client, self.container.id, cmd, config, with_stderr=True, env=self._root_env()
-        )
+        cfg = ExecConfig(cmd, user="0", env=self._root_env(), timeout=30)
+        return start_daemon(self._box, cfg, config, with_stderr=True)
 
     def _root_json(self, cmd: list[str], stdin: bytes | None = None) -> dict[str, Any]:
         out = self._root_exec(cmd, stdin)
@@ -668,11 +697,10 @@ class Sandbox:
             self._env[var] = self._ca_bundle
 
     def _start_sidecar(self, owner: paths.Owner, agent_allow: list[str], routes: list) -> None:
-        from pytest_agentbox.backends.docker import sidecar
-
+        assert self.volume is not None  # made first, in _setup
         with self._step("sidecar (parallel)"):
-            self.sidecar = sidecar.start(
-                self._client, self.config, owner, self.volume,
+            self.sidecar = self.backend.start_sidecar(
+                self.config, owner, self.volume,
                 agent_allow=agent_allow, routes=routes, token=self._token,
             )  # fmt: skip
 
@@ -682,11 +710,12 @@ class Sandbox:
         It binds before any user code runs, so nothing the agent starts can take its
         ports; it holds no secret (the keys stay in the sidecar).
         """
-        from pytest_agentbox.backends.docker import sidecar
-
+        assert self.sidecar is not None  # only called with one
         socks = [{"name": "egress", "unix": f"{self._egress_dir}/egress.sock"}] if egress else []
         for r in routes:
-            path = self.sidecar.key_socket(r["name"]).replace(sidecar.SOCKET_DIR, self._egress_dir)
+            path = self.sidecar.key_socket(r["name"]).replace(
+                self.sidecar.socket_dir, self._egress_dir
+            )
             socks.append({"name": "key:" + r["name"], "unix": path})
         cmd = [self._python, "-I", "-S", f"{self._tools_dir}/egressproxy.py", "forward"]
         ready = self._root_daemon(cmd, {"routes": socks})
@@ -715,16 +744,16 @@ class Sandbox:
         # The engine extracts it (root here holds no CAP_DAC_OVERRIDE and the home may
         # be 0700); the tar's own entry for app/ makes the directory, owned by the user.
         if self.config.code_dir is not None:
-            data = engine.tar_directory(self.config.code_dir, uid=uid, gid=gid, prefix=app)
+            data = tools.tar_directory(self.config.code_dir, uid=uid, gid=gid, prefix=app)
         else:
-            data = engine.tar_bytes([], uid=uid, gid=gid, dirs=[(app, 0o755)])
+            data = tools.tar_bytes([], uid=uid, gid=gid, dirs=[(app, 0o755)])
         if not self._put_home(data, "the code directory"):
             raise AgentboxError(f"could not create {self.workdir} in the sandbox")
 
     def _put_home(self, data: Any, what: str) -> bool:
         """Unpack a tar into the home through the engine, naming the cap when it is full."""
         try:
-            return bool(self.container.put_archive(self.home, data))
+            return self._box.put_archive(self.home, data)
         except Exception as exc:
             if "no space left on device" not in str(exc).lower():
                 raise
@@ -760,7 +789,7 @@ class Sandbox:
 
         try:
             report = state.snapshot_container(
-                self.container, self.home, self.config.state_store, self.config.state_scope,
+                self._box, self.home, self.config.state_store, self.config.state_scope,
                 limits=self.config.state_limits or state.Limits(),
                 uid=self.user["uid"], gid=self.user["gid"],
             )  # fmt: skip
@@ -807,8 +836,7 @@ class Sandbox:
     def _container_env(self) -> list[str]:
         # What the engine gives every exec in this container before ours: image ENV
         # merged with the create-time environment (read once, at creation).
-        attrs = getattr(self.container, "attrs", None) or {}
-        return list((attrs.get("Config") or {}).get("Env") or [])
+        return list(self.box.env) if self.box is not None else []
 
     def _user_argv(self, mode: str, *args: str) -> list[str]:
         """argv of one runner call: the only way anything runs as the user."""
@@ -824,7 +852,7 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         deadline: float,
-    ) -> engine.ExecOutput:
+    ) -> ExecOutput:
         """One runner exec as the user, given up ``deadline`` seconds after it starts.
 
         The runner enforces a command's own limit, but the agent can stop the runner:
@@ -832,11 +860,10 @@ class Sandbox:
         root exec may end it: user code has run) and the output says so.
         """
         self._user_code_ran = True
-        out = engine.exec_run(
-            self._client, self.container.id, argv, user=self.user_spec,
-            env=self._user_env(env), workdir=cwd or self.workdir, stdin=stdin,
-            timeout=None, deadline=deadline,
-        )  # fmt: skip
+        out = self._box.exec(ExecConfig(
+            argv, user=self.user_spec, env=self._user_env(env), workdir=cwd or self.workdir,
+            stdin=stdin, timeout=None, deadline=deadline,
+        ))  # fmt: skip
         self._unanswered |= out.deadline_passed
         return out
 
@@ -919,19 +946,19 @@ class Sandbox:
         """Start a long-running process that speaks newline-delimited JSON on stdin/stdout."""
         text, cmd, _limit = self._user_command(command, timeout=timeout)
         self._user_code_ran = True
-        started = engine.exec_start_within(
-            RUNNER_GRACE, self._client, self.container.id, cmd, user=self.user_spec,
-            env=self._user_env(env), workdir=cwd or self.workdir,
-        )  # fmt: skip
+        started = self._box.exec_stream(ExecConfig(
+            cmd, user=self.user_spec, env=self._user_env(env), workdir=cwd or self.workdir,
+            timeout=None, deadline=RUNNER_GRACE,
+        ))  # fmt: skip
         if started is None:
             raise AgentboxError(self._stalled(f"spawn({text!r})", RUNNER_GRACE))
-        return Spawned(self, text, *started)
+        return Spawned(self, text, started)
 
     @property
     def _io_deadline(self) -> float:
         return self.config.timeout + RUNNER_GRACE
 
-    def _raise_if_stalled(self, out: engine.ExecOutput, what: str) -> None:
+    def _raise_if_stalled(self, out: ExecOutput, what: str) -> None:
         if out.deadline_passed:
             raise AgentboxError(self._stalled(what, self._io_deadline))
 
@@ -950,7 +977,7 @@ class Sandbox:
         self._raise_if_stalled(out, f"read_file({path!r})")
         if out.dropped[0]:
             raise AgentboxError(
-                f"read_file({path!r}): larger than the {engine.MAX_OUTPUT // 2**20} MiB a read "
+                f"read_file({path!r}): larger than the {MAX_OUTPUT // 2**20} MiB a read "
                 "keeps; read it in parts (e.g. sandbox.run('tail -c ...'))"
             )
         if out.exit_code != 0:
@@ -967,7 +994,7 @@ class Sandbox:
         files land only where the user could have written them itself.
         """
         target = remote_dir if remote_dir.startswith("/") else f"{self.workdir}/{remote_dir}"
-        data = engine.tar_directory(
+        data = tools.tar_directory(
             Path(local_dir), uid=self.user["uid"], gid=self.user["gid"], skip=set()
         )
         out = self._user_exec(self._user_argv("extract", target), stdin=data,
@@ -981,7 +1008,7 @@ class Sandbox:
 
     def exec_hint(self) -> str:
         """The command that steps into this sandbox as the unprivileged user."""
-        return f"docker exec -it -u {self.user_spec} -w {self.workdir} {self.container_id} /bin/sh"
+        return self._box.enter_hint(self.user_spec, self.workdir)
 
     # ---- teardown ----------------------------------------------------------------
 
@@ -994,13 +1021,11 @@ class Sandbox:
         """
         logs = dict(self.logs)
         if self.sidecar is not None:
-            from pytest_agentbox.backends.docker import sidecar
-
             with contextlib.suppress(Exception):
                 if self.proxy_ports:
-                    logs["key proxy requests"] = sidecar.key_requests(self.sidecar)
+                    logs["key proxy requests"] = self.sidecar.key_requests()
                 # The agent's connections and the key proxy's upstream ones alike.
-                text = logs["egress decisions"] = sidecar.decisions(self.sidecar)
+                text = logs["egress decisions"] = self.sidecar.decisions()
                 from pytest_agentbox.policy.egress import open_tunnels
 
                 if still := open_tunnels(text):
@@ -1023,7 +1048,7 @@ class Sandbox:
         {} once the container is gone; nothing is asked of a sandbox whose runner
         stopped answering (both then stay unknown: False and None).
         """
-        if self.container is None:
+        if self.box is None:
             return {}
         found: dict[str, Any] = {"oom_killed": False, "oom_kills": None}
         if self._runner_python and not self._unanswered:
@@ -1040,8 +1065,7 @@ class Sandbox:
         # wait on it (and hold up the container's removal).
         if not self._unanswered:
             with contextlib.suppress(Exception):
-                self.container.reload()
-                found["oom_killed"] = bool(self.container.attrs["State"].get("OOMKilled"))
+                found["oom_killed"] = self.box.state().oom_killed
         return found
 
     def _oom_report(self) -> str:
@@ -1068,7 +1092,7 @@ class Sandbox:
         what the agent itself would see; {} when the sandbox cannot answer.
         """
         if (
-            self.container is None
+            self.box is None
             or not self._runner_python
             or not self.storage_volumes
             or self._unanswered
@@ -1123,7 +1147,7 @@ class Sandbox:
                 time.sleep(0.5)
         errors: list[str] = []
         store = self.config.state_store
-        if self.container is not None and self.config.state_scope and store is not None:
+        if self.box is not None and self.config.state_scope and store is not None:
             try:
                 self._snapshot_state()
             except Exception as exc:  # the previous state stays intact
@@ -1133,25 +1157,26 @@ class Sandbox:
             self.warnings += errors
             return
 
-        def remove(obj: Any) -> None:
+        def remove(obj: Box | Sidecar) -> None:
             with contextlib.suppress(Exception):
-                obj.remove(force=True, v=True)
+                obj.remove()
 
-        # Container and sidecar go side by side; the volume once both are gone.
-        boxes = [self.container, self.sidecar.container if self.sidecar else None]
+        # Box and sidecar go side by side; the volumes once both are gone.
+        boxes: list[Box | Sidecar | None] = [self.box, self.sidecar]
         with ThreadPoolExecutor(max_workers=2) as pool:
             pool.map(remove, [o for o in boxes if o is not None])
-        for channel in (self._channel, self.sidecar.channel if self.sidecar else None):
-            if channel is not None:
-                with contextlib.suppress(OSError):
-                    channel.close()
+        if self._channel is not None:
+            with contextlib.suppress(OSError):
+                self._channel.close()
+        if self.sidecar is not None:
+            self.sidecar.close()
         for vol in [self.volume, *self.storage_volumes]:
             if vol is not None:
                 with contextlib.suppress(Exception):
-                    vol.remove(force=True)
-        if self.container is not None:
+                    vol.remove()
+        if self.box is not None:
             with _LIVE_LOCK:
-                _LIVE.pop(self.container.id, None)
+                _LIVE.pop(self.box.id, None)
         self.warnings += errors
 
     def _keep(self) -> None:
@@ -1169,11 +1194,10 @@ class Sandbox:
                 self._channel.sendall(_KEEP)  # read before the end-of-file that follows
             with contextlib.suppress(OSError):
                 self._channel.close()
-        if self.container is not None:
+        if self.box is not None:
             with contextlib.suppress(Exception):
                 time.sleep(0.3)
-                self.container.reload()
-                if self.container.status != "running":
+                if self.box.state().status != "running":
                     self.warnings.append(
                         "the kept sandbox stopped (its image has no /bin/sleep to wait with): "
                         "its in-memory home and /tmp are gone"
@@ -1186,7 +1210,7 @@ class Sandbox:
         self.close()
 
     def __repr__(self) -> str:
-        cid = self.container.short_id if self.container is not None else "-"
+        cid = self.box.short_id if self.box is not None else "-"
         return f"<Sandbox {cid} image={self.config.image!r}>"
 
 
@@ -1241,11 +1265,10 @@ class Spawned:
     ``stdout_dropped`` / ``stderr_dropped``.
     """
 
-    def __init__(self, sandbox: Sandbox, command: str, exec_id: str, sock: Any) -> None:
+    def __init__(self, sandbox: Sandbox, command: str, stream: ExecStream) -> None:
         self.sandbox = sandbox
         self.command = command
-        self._exec_id = exec_id
-        self._sock = sock
+        self._stream = stream
         self._lines: deque[str | None] = deque()
         self._pending = 0  # bytes of the lines in _lines
         self._cond = threading.Condition()
@@ -1278,7 +1301,7 @@ class Spawned:
     def _read(self) -> None:
         buf = bytearray()
         try:
-            for stream, data in engine._frames(self._sock):
+            for stream, data in self._stream.frames():
                 if stream == 2:
                     self._keep_stderr(data)
                     continue
@@ -1306,7 +1329,7 @@ class Spawned:
     def send(self, message: str | Mapping[str, Any]) -> None:
         """Write one line (a dict is sent as JSON) to the process's stdin."""
         line = message if isinstance(message, str) else json.dumps(message)
-        self._sock.sendall(line.encode() + b"\n")
+        self._stream.sendall(line.encode() + b"\n")
 
     def readline(self, timeout: float = 30.0) -> str | None:
         """The next stdout line, or None at end of output; TimeoutError after ``timeout``."""
@@ -1346,15 +1369,15 @@ class Spawned:
             self._closing = True  # a reader waiting for room drops the rest instead
             self._cond.notify_all()
         with contextlib.suppress(OSError):
-            self._sock.shutdown(1)
+            self._stream.shutdown_write()
         self._reader.join(timeout)
         ended = not self._reader.is_alive()
         with contextlib.suppress(OSError):
-            self._sock.close()
+            self._stream.close()
         # Output still open after ``timeout``: the process runs on (or its runner was
         # stopped by the agent); one look, no 30 s wait for an exit that is not coming.
         wait = 30.0 if ended else 0.0
-        return engine.exec_exit_code(self.sandbox._client, self._exec_id, wait=wait)
+        return self._stream.exit_code(wait=wait)
 
     def __enter__(self) -> Spawned:
         return self

@@ -57,7 +57,7 @@ from typing import IO, Any, Protocol
 import filelock
 
 from pytest_agentbox.atomicfile import fsync_dir, replace_atomically
-from pytest_agentbox.backends.docker.engine import open_engine_archive
+from pytest_agentbox.backends.base import Box
 from pytest_agentbox.errors import StateError
 
 ALLOWED_DIRS: tuple[str, ...] = ("workspace", "data", "output", "state")
@@ -961,8 +961,13 @@ def _clean_sources(
 # ---------------------------------------------------------------- the engine side
 
 
+def open_engine_archive(box: Box, path: str) -> Any:
+    """``path`` of ``box`` as a tar stream through its backend (None when it is absent)."""
+    return box.get_archive(path)
+
+
 def snapshot_container(
-    container: Any,
+    container: Box,
     home: str,
     store: StateStore,
     scope: str,
@@ -971,7 +976,8 @@ def snapshot_container(
     uid: int = 1000,
     gid: int = 1000,
 ) -> FilterReport:
-    """Snapshot ``home``'s allowed dirs of ``container`` into ``store`` under ``scope``.
+    """Snapshot ``home``'s allowed dirs of ``container`` (a backend's box) into ``store``
+    under ``scope``.
 
     One archive at a time: the engine holds the container's lock while an archive
     stream is open, so the next one is asked for only once the previous is closed.

@@ -1,8 +1,9 @@
 """Shared fixtures of the project's own tests.
 
-Docker-backed tests get the engine through ``docker_client``: skipped with one reason
-when no engine answers, failed when Docker is required (``--agentbox-require-docker``,
-``AGENTBOX_REQUIRE_DOCKER`` or the ini key; CI).
+Docker-backed tests get the engine through ``docker_client`` (the test's own look, as an
+attacker with the engine would have it) and ``backend`` (what the package itself uses):
+skipped with one reason when no engine answers, failed when Docker is required
+(``--agentbox-require-docker``, ``AGENTBOX_REQUIRE_DOCKER`` or the ini key; CI).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 
 from pytest_agentbox import paths
 from pytest_agentbox.backends.docker import engine
+from pytest_agentbox.backends.docker.box import DockerBackend
 from pytest_agentbox.errors import DockerUnavailable, ImageMissing
 from pytest_agentbox.plugin.hooks import run_state
 from pytest_agentbox.sandbox import Sandbox, SandboxConfig
@@ -43,8 +45,14 @@ def docker_client(pytestconfig: pytest.Config) -> Any:
     # This run's once-per-run clean-up of dead owners' leftovers happens now, before any
     # test plants leftovers on purpose: otherwise another worker's first sandbox could
     # remove them mid-test.
-    state.clean_up_once(client)
+    state.clean_up_once(DockerBackend.from_client(client))
     return client
+
+
+@pytest.fixture(scope="session")
+def backend(docker_client: Any) -> DockerBackend:
+    """The environment's engine as the package's backend (``Sandbox.create(cfg, backend)``)."""
+    return DockerBackend.from_client(docker_client)
 
 
 def image_name(config: pytest.Config) -> str:
@@ -57,13 +65,13 @@ def base_image(pytestconfig: pytest.Config) -> str:
 
 
 @pytest.fixture
-def make_sandbox(docker_client: Any, base_image: str) -> Iterator[Any]:
+def make_sandbox(backend: DockerBackend, base_image: str) -> Iterator[Any]:
     """Sandbox.create without the plugin (for configs the markers cannot express)."""
     made: list[Sandbox] = []
 
     def make(**kwargs: Any) -> Sandbox:
         kwargs.setdefault("image", base_image)
-        return Sandbox.create(SandboxConfig(**kwargs), docker_client, on_created=made.append)
+        return Sandbox.create(SandboxConfig(**kwargs), backend, on_created=made.append)
 
     yield make
     for sb in made:
@@ -94,6 +102,11 @@ def as_root(sb: Sandbox, cmd: list[str], stdin: bytes | None = None) -> engine.E
     once user code has run."""
     client = engine.get_client()
     return engine.exec_run(client, sb.container_id, cmd, user="0", stdin=stdin, timeout=300)
+
+
+def inspect_box(box_id: str) -> dict[str, Any]:
+    """The engine's inspect of a sandbox's (or sidecar's) container: the test's own look."""
+    return dict(engine.get_client().api.inspect_container(box_id))
 
 
 def ours(client: Any, run_id: str) -> list[Any]:

@@ -310,14 +310,16 @@ def test_names_with_a_newline_are_refused(value: str) -> None:
 
 
 @pytest.mark.parametrize("caps", [("ALL",), ("NET_ADMIN",), ("SYS_ADMIN", "SYS_PTRACE"), "KILL"])
-def test_cap_add_beyond_the_hardening_set_is_refused(caps: Any, docker_client: Any) -> None:
+def test_cap_add_beyond_the_hardening_set_is_refused(
+    caps: Any, docker_client: Any, backend: Any
+) -> None:
     with pytest.raises(AgentboxError, match=r"only the hardening set|not a list"):
         SandboxConfig(cap_add=caps)
     # Also when set on a config after it was made: refused before any container exists.
     cfg = SandboxConfig(run_id="f2" + secrets.token_hex(6))
     cfg.cap_add = caps
     with pytest.raises(AgentboxError, match=r"only the hardening set|not a list"):
-        Sandbox.create(cfg, docker_client)
+        Sandbox.create(cfg, backend)
     assert ours(docker_client, cfg.run_id) == []
     assert sandbox.check_cap_add(["cap_kill", "SYS_ADMIN"]) == ("KILL", "SYS_ADMIN")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_agentbox.backends.docker import networks
 from pytest_agentbox.errors import ManifestError
 from pytest_agentbox.policy import egress
 from pytest_agentbox.policy.egress import (
@@ -541,7 +542,7 @@ class _Client:
 
 
 def test_engine_private_nets_lists_every_subnet_and_gateway() -> None:
-    assert egress.engine_private_nets(_Client()) == sorted(
+    assert networks.engine_private_nets(_Client()) == sorted(
         ["172.17.0.0/16", "172.17.0.1/32", "fd00:dead::/64", "10.5.0.0/24", "10.5.0.128/25"]
     )
 

@@ -5,7 +5,7 @@ private address is refused and logged with its class; one resolving (through the
 container's hosts file) to the engine host's bridge address, where a decoy listens, is
 refused the same way; a name opted in with ``private_ok`` reaches its decoy, unless that
 address is one of the engine's own networks (``refuse_nets`` from
-``egress.engine_private_nets``). Networks are ``internal``: nothing leaves the machine.
+``networks.engine_private_nets``). Networks are ``internal``: nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 
 from pytest_agentbox import paths
-from pytest_agentbox.backends.docker import engine
-from pytest_agentbox.policy import egress
+from pytest_agentbox.backends.docker import engine, networks
 
 DECOY_NAME = "decoy.private.example.test"
 OPTED_NAME = "opted.private.example.test"
@@ -142,7 +141,7 @@ def test_private_ok_name_reaches_its_decoy_but_engine_networks_stay_closed(
     assert [(r["host"], r["decision"], r["class"]) for r in recs] == [
         (OPTED_NAME, "allow", "rfc1918"), (DECOY_NAME, "deny", "rfc1918")]  # fmt: skip
     # With the engine's own networks refused, as the sidecar runs it, even private_ok is no way in.
-    nets = egress.engine_private_nets(docker_client)
+    nets = networks.engine_private_nets(docker_client)
     decoy_ip = ipaddress.ip_address(private_net["decoy_ip"])
     assert any(decoy_ip in ipaddress.ip_network(n) for n in nets)
     proxy2, port2 = start_proxy(docker_client, base_image, private_net,
@@ -183,7 +182,7 @@ def test_name_resolving_to_the_engine_hosts_bridge_address_is_refused(
         pytest.skip("the engine host is not this machine: no decoy on its bridge address")
     sock, hits = decoy
     try:
-        nets = egress.engine_private_nets(docker_client, host_image=base_image)
+        nets = networks.engine_private_nets(docker_client, host_image=base_image)
         assert f"{gateway}/32" in nets
         for top in ({}, {"private_ok": [HOSTGW_NAME], "refuse_nets": nets}):
             proxy, port = start_proxy(docker_client, base_image, private_net, config(**top))

@@ -161,11 +161,11 @@ def test_a_failing_clean_up_warns_and_never_fails_the_test(tmp_path: Path) -> No
     from pytest_agentbox.plugin.options import resolve
     from pytest_agentbox.plugin.session import RunState
 
-    def broken_list(**_: Any) -> list[Any]:
+    def broken_clean_up(**_: Any) -> list[Any]:
         raise RuntimeError("engine hiccup")
 
     state = RunState(resolve(env={}), rootpath=tmp_path, cache_dir=Path(".c"))
     state.run_id = secrets.token_hex(8)
-    client = SimpleNamespace(containers=SimpleNamespace(list=broken_list))
+    backend = SimpleNamespace(url="fake://hiccup", clean_up_dead_owners=broken_clean_up)
     with pytest.warns(UserWarning, match="clean-up of leaked resources failed: engine hiccup"):
-        state.clean_up_once(client)
+        state.clean_up_once(backend)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import as_root
+from conftest import as_root, inspect_box
 
 from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.backends.docker.fakeupstream import header
@@ -67,7 +67,7 @@ def test_no_readable_place_in_the_sandbox_holds_the_key(keyed: Any) -> None:
     )
     assert len(scan.stdout) > 1000  # the scan really read things
     assert keyed.key not in scan.stdout
-    assert keyed.key not in json.dumps(keyed.container.attrs)
+    assert keyed.key not in json.dumps(inspect_box(keyed.container_id))
 
 
 def test_no_key_proxy_in_the_agents_container_and_root_daemons_invisible(keyed: Any) -> None:

@@ -207,7 +207,7 @@ def test_declared_domain(request, record_property, fake_upstream, sandbox_factor
     r = sb.run("curl -sS https://api.github.com/x")
     assert r.stdout == f"upstream-{i}", r.stderr
     assert fake_upstream.engine_url == run_state(request.config).engine_url
-    record(request, record_property, sandbox=sb.container_id, sidecar=sb.sidecar.container.id,
+    record(request, record_property, sandbox=sb.container_id, sidecar=sb.sidecar.id,
            upstream=fake_upstream.container.id)
 
 
@@ -222,7 +222,7 @@ def test_key_through_the_sidecar(
     r = sb.run('curl -sS -H "x-api-key: $ANTHROPIC_API_KEY" "$ANTHROPIC_BASE_URL/v1/messages"')
     assert json.loads(r.stdout) == {"ok": i}, r.stderr
     assert [header(q, "x-api-key") for q in fake_upstream.requests()] == [[key]]
-    record(request, record_property, sandbox=sb.container_id, sidecar=sb.sidecar.container.id,
+    record(request, record_property, sandbox=sb.container_id, sidecar=sb.sidecar.id,
            upstream=fake_upstream.container.id)
 """
 

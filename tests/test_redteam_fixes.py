@@ -292,10 +292,12 @@ def test_the_forwarder_refuses_to_start_once_user_code_ran(
 
         threading.Thread(target=go, daemon=True).start()
 
+    from pytest_agentbox.backends.docker.box import DockerBackend
+
     config = SandboxConfig(image=base_image, egress=policy, egress_network=internal_net.name)
-    client = HeldSidecarClient(docker_client, release)
+    backend = DockerBackend.from_client(HeldSidecarClient(docker_client, release))
     with pytest.raises(AgentboxError, match="refusing to run as root in the sandbox after user"):
-        Sandbox.create(config, client, on_created=run_user_code_early).close()
+        Sandbox.create(config, backend, on_created=run_user_code_early).close()
     assert ran and ran[0].ok
 
 
@@ -379,7 +381,7 @@ def test_a_forked_child_that_outlives_the_owner_does_not_keep_the_sandbox_alive(
 
 
 def test_closing_an_owner_channel_ends_the_sidecar_at_once(
-    internal_net: Any, make_sandbox: Any
+    internal_net: Any, make_sandbox: Any, docker_client: Any
 ) -> None:
     # A kept sandbox drops its sidecar (and the keys in it) by closing that channel.
     from pytest_agentbox.policy.egress import compute_policy
@@ -390,7 +392,7 @@ def test_closing_an_owner_channel_ends_the_sidecar_at_once(
     sb = make_sandbox(egress=policy, egress_network=internal_net.name)
     try:
         sb.close(keep=True)
-        sidecar = sb.sidecar.container
+        sidecar = docker_client.containers.get(sb.sidecar.id)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             sidecar.reload()
@@ -399,11 +401,9 @@ def test_closing_an_owner_channel_ends_the_sidecar_at_once(
             time.sleep(0.1)
         assert sidecar.status == "exited", sidecar.status
     finally:
-        for c in (sb.container, sb.sidecar.container):
-            with contextlib.suppress(Exception):
-                c.remove(force=True, v=True)
-        with contextlib.suppress(Exception):
-            sb.volume.remove(force=True)
+        for box in (sb.box, sb.sidecar):
+            box.remove()
+        sb.volume.remove()
 
 
 # --- 7. every report section is redacted, mixed-case hex and JSON escapes included ----
@@ -555,7 +555,7 @@ def test_an_image_ld_preload_never_runs_in_the_key_holding_sidecar(
         # proves the library works in this image.
         sb.run("true")
         assert sb.read_file("/tmp/agentbox-preloaded").startswith(b"loaded")
-        sidecar = docker_client.containers.get(sb.sidecar.container.id)
+        sidecar = docker_client.containers.get(sb.sidecar.id)
         assert engine.read_archive_file(sidecar, "/tmp/agentbox-preloaded") is None
         assert not [v for v in sidecar.attrs["Config"]["Env"] if v.startswith("LD_PRELOAD=")]
     finally:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import as_root, built_image, ours
+from conftest import as_root, built_image, inspect_box, ours
 
 from pytest_agentbox.errors import HardeningError, SetupCommandFailed
 from pytest_agentbox.policy.manifest import KeyRoute
@@ -79,7 +79,7 @@ def test_only_the_ten_allowlisted_host_variables_reach_the_sandbox(
     assert {k: env.get(k) for k in FORWARDED_ENV} == values
     assert len(FORWARDED_ENV) == 10
     # The container's own config holds nothing else from the host either.
-    cfg_env = sb.container.attrs["Config"]["Env"]
+    cfg_env = inspect_box(sb.container_id)["Config"]["Env"]
     assert not any(secret in e for e in cfg_env)
 
 
@@ -160,7 +160,7 @@ def test_timed_out_command_is_killed_with_its_children(sandbox: Any) -> None:
 
 def test_limits_from_the_manifest_are_applied(sandbox_factory: Any) -> None:
     sb = sandbox_factory(resources={"memory": "256m", "cpus": 0.5, "pids": 64})
-    host = sb.container.attrs["HostConfig"]
+    host = inspect_box(sb.container_id)["HostConfig"]
     assert host["Memory"] == 256 * 1024 * 1024
     assert host["NanoCpus"] == 500_000_000
     assert host["PidsLimit"] == 64

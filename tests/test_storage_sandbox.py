@@ -225,7 +225,7 @@ def test_a_kept_sandbox_keeps_the_agents_files_and_ends_its_processes(
         box = docker_client.containers.get(sb.container_id)
         box.remove(force=True)
         for vol in sb.storage_volumes:
-            vol.remove(force=True)
+            vol.remove()
 
 
 def test_volumes_are_gone_after_teardown(make_sandbox: Any, docker_client: Any) -> None:

@@ -43,6 +43,21 @@ if pytest.version_tuple >= (8, 4):  # the int and float ini types are new in 8.4
     _INI_TYPES.update({"int": "int", "float": "float"})
 
 
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from pytest_agentbox.plugin import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_agentbox_make_backend(config: pytest.Config, url: str | None) -> Any:
+    """The default: the registered backend of ``url``'s scheme (Docker for unix://,
+    tcp://, ssh:// and npipe://, and for the environment's engine)."""
+    from pytest_agentbox.backends.base import backend_for
+
+    return backend_for(url)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("agentbox", "hardened Docker sandboxes for agent tests")
     # Registered from the one table. options.py parses every value (pytest only reads
@@ -69,7 +84,12 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         settings = _resolve(config)
         state = abs_session.RunState(
-            settings, rootpath=config.rootpath, cache_dir=_cache_dir(config)
+            settings,
+            rootpath=config.rootpath,
+            cache_dir=_cache_dir(config),
+            make_backend=lambda url: config.hook.pytest_agentbox_make_backend(
+                config=config, url=url
+            ),
         )
     except (ManifestError, OptionError) as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -154,7 +174,7 @@ def run_state(config: pytest.Config) -> abs_session.RunState:
     """This run's :class:`~pytest_agentbox.plugin.session.RunState` (settings, manifest, clean-up).
 
     The supported way for a ``conftest.py`` to reach the plugin's per-run state, e.g.
-    ``run_state(config).clean_up_once(client)`` or ``run_state(config).default_image``.
+    ``run_state(config).clean_up_once(backend)`` or ``run_state(config).default_image``.
     """
     return config.stash[_STATE_KEY]
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_agentbox import paths
-from pytest_agentbox.backends.docker import cleanup, engine
-from pytest_agentbox.backends.docker.engine import DEFAULT_IMAGE, EngineSpec
+from pytest_agentbox.backends.base import DEFAULT_IMAGE, Backend, backend_for
+from pytest_agentbox.backends.docker import engine
+from pytest_agentbox.backends.docker.engine import EngineSpec
 from pytest_agentbox.errors import (
     AgentboxError,
     DockerUnavailable,
@@ -211,11 +212,16 @@ class RunState:
         *,
         rootpath: Path | None = None,
         cache_dir: Path = Path(".pytest_cache"),
+        make_backend: Callable[[str | None], Backend] | None = None,
     ) -> None:
         """``settings`` from :func:`pytest_agentbox.plugin.options.resolve` (default: resolved
         from the environment alone); ``rootpath`` and ``cache_dir`` place the default
-        state directory."""
+        state directory. ``make_backend(url)`` builds the backend of an engine URL (None:
+        the environment's engine); default
+        :func:`~pytest_agentbox.backends.base.backend_for` (the plugin passes its
+        ``pytest_agentbox_make_backend`` hook)."""
         self.settings = settings if settings is not None else resolve_options()
+        self._make_backend = make_backend or backend_for
         get = self.settings.get
         self.rootpath = rootpath if rootpath is not None else Path.cwd()
         self.cache_dir = cache_dir
@@ -274,8 +280,12 @@ class RunState:
         upstream live)."""
         return self.engine.url
 
-    def client(self) -> Any:
-        """The docker client of this process's engine.
+    def backend_of(self, spec: EngineSpec) -> Backend:
+        """The backend of one engine of the run (DockerUnavailable when it does not answer)."""
+        return self._make_backend(None if spec.from_environment else spec.text)
+
+    def backend(self) -> Backend:
+        """The backend of this process's engine.
 
         An engine named with ``--agentbox-engine`` answered at the start of the run, so
         one that does not answer now died mid-run:
@@ -283,7 +293,7 @@ class RunState:
         whatever ``--agentbox-require-docker`` says).
         """
         try:
-            return engine.get_client(self.engine)
+            return self.backend_of(self.engine)
         except DockerUnavailable as exc:
             if self.engines_explicit:
                 raise engine.lost(self.engine, "it no longer answers") from exc
@@ -310,7 +320,7 @@ class RunState:
             if why is not None:
                 return why
             try:
-                engine.ensure_image(engine.get_client(spec), self.default_image)
+                self.backend_of(spec).ensure_image(self.default_image)
             except AgentboxError as exc:
                 return str(exc)
             return None
@@ -362,9 +372,9 @@ class RunState:
         d.mkdir(mode=0o700, exist_ok=True)
         return d
 
-    def clean_up_once(self, client: Any = None) -> None:
-        """Remove leaked objects of dead owners on every engine of the run (and the one
-        of ``client``, when given), once per run, behind a file lock.
+    def clean_up_once(self, backend: Backend | None = None) -> None:
+        """Remove leaked objects of dead owners on every engine of the run (and on
+        ``backend``, when given), once per run, behind a file lock.
 
         The plugin calls it before the first sandbox; a ``conftest.py`` that plants
         leftovers on purpose calls it first, so that no worker removes them mid-test.
@@ -379,14 +389,14 @@ class RunState:
         # The lock file is never unlinked: unlinking lets two holders exist at once.
         with FileLock(str(shared / "gc.lock")):
             if not marker.exists():
-                clients: dict[str, Any] = {}
-                if client is not None:
-                    clients[engine.engine_key(client)] = client
+                given: dict[str, Backend] = {}
+                if backend is not None:
+                    given[backend.url] = backend
                 specs = {e.url: e for e in self.engines}
-                for url in dict.fromkeys([*specs, *clients]):
+                for url in dict.fromkeys([*specs, *given]):
                     try:
-                        got = clients.get(url) or engine.get_client(specs[url])
-                        self._cleaned += len(cleanup.collect(got))
+                        got = given.get(url) or self.backend_of(specs[url])
+                        self._cleaned += len(got.clean_up_dead_owners())
                     except Exception as exc:  # housekeeping: never the reason a test fails
                         msg = f"agentbox: clean-up of leaked resources failed: {exc} (on {url})"
                         warnings.warn(msg, stacklevel=2)
@@ -409,19 +419,16 @@ class RunState:
         return Vault(private / "vault.json", secret_store=FileSecretStore(private / "secret"))
 
     def start_fake_upstream(self, extra_domains: tuple[str, ...] = ()) -> Any:
-        from pytest_agentbox.backends.docker.fakeupstream import FakeUpstream
         from pytest_agentbox.policy.manifest import KNOWN_PROVIDERS
 
-        client = self.client()
-        self.clean_up_once(client)
+        backend = self.backend()
+        self.clean_up_once(backend)
         domains = [p.domain for p in KNOWN_PROVIDERS.values()]
         domains += [r.domain for r in self.manifest.permissions.network if "*" not in r.domain]
         domains += [k.domain for k in self.manifest.keys if k.domain]
         # A decoy that really answers, so negative tests prove refusal, not a DNS miss.
         domains += [DECOY_DOMAIN, *extra_domains]
-        return FakeUpstream(
-            domains, image=self.default_image, client=client, run_id=self.run_id
-        ).start()
+        return backend.start_fake_upstream(domains, image=self.default_image, run_id=self.run_id)
 
     def sandbox_config(
         self, item: Any, overrides: Mapping[str, Any], *, vault: Any, upstream: Any = None
@@ -519,9 +526,9 @@ class RunState:
     def create_sandbox(self, config: SandboxConfig, on_created: Callable[[Sandbox], None]) -> Any:
         from pytest_agentbox.sandbox import Sandbox
 
-        client = self.client()
-        self.clean_up_once(client)
-        return Sandbox.create(config, client, on_created=on_created)
+        backend = self.backend()
+        self.clean_up_once(backend)
+        return Sandbox.create(config, backend, on_created=on_created)
 
 
 def close_all() -> None:

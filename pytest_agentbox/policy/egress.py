@@ -5,8 +5,8 @@ domains (through the key proxy), and -- only when a ``setup_command`` exists -- 
 package registries the user's own pip and npm configuration point at. The GitHub
 codeload host is never auto-allowed (seed 0.2.0: "Package registry allowlist
 tightened"). Enforcement lives in :mod:`pytest_agentbox.inside.egressproxy`; this module is
-pure (no Docker, no network) so it can be tested as a table, except
-:func:`engine_private_nets`, which asks the engine which networks it holds.
+pure (no Docker, no network) so it can be tested as a table. The engine's own ranges
+are asked of the engine by :mod:`pytest_agentbox.backends.docker.networks`.
 
 After DNS the proxy refuses every non-public address (``egressproxy.address_class``, the
 one rule) and the engine's own networks and addresses. A declared domain with
@@ -21,7 +21,6 @@ import ipaddress
 import json
 import os
 import re
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,58 +170,6 @@ def compute_policy(
         registries, notes = _scan_registries(env, home, root)
         ignored += notes
     return EgressPolicy(unrestricted, domains, keys, registries, tuple(ignored), private_domains)
-
-
-# The engine's own ranges, per engine URL: read once per process and engine (one
-# throwaway container each); an engine's ranges say nothing about another engine's.
-_ENGINE_NETS: dict[str, list[str]] = {}
-_ENGINE_NETS_LOCK = threading.Lock()
-
-
-def cached_engine_nets(client: Any, image: str) -> list[str]:
-    """:func:`engine_private_nets` of ``client``'s engine with its host's addresses, read
-    once per engine and process."""
-    from pytest_agentbox.backends.docker.engine import engine_key
-
-    key = engine_key(client)
-    with _ENGINE_NETS_LOCK:
-        if key in _ENGINE_NETS:
-            return _ENGINE_NETS[key]
-    nets = engine_private_nets(client, host_image=image)
-    with _ENGINE_NETS_LOCK:
-        return _ENGINE_NETS.setdefault(key, nets)
-
-
-def engine_private_nets(client: Any, *, host_image: str | None = None) -> list[str]:
-    """The engine's own ranges, for the egress proxy's ``refuse_nets``: every subnet and
-    gateway of every network it knows (bridges, user networks, other tests' internal
-    networks) and, with ``host_image``, every address of the engine host itself (read in a
-    throwaway container in the host's network namespace, so a remote engine works too).
-
-    A network made later is not in it, but a sidecar's view is taken when it starts.
-    """
-    nets: set[str] = set()
-    for network in client.networks.list():
-        for cfg in (network.attrs.get("IPAM") or {}).get("Config") or []:
-            for key in ("Subnet", "Gateway", "IPRange"):
-                if cfg.get(key):
-                    nets.add(str(ipaddress.ip_network(cfg[key], strict=False)))
-    if host_image is not None:
-        nets.update(
-            f"{ip}/{32 if '.' in ip else 128}" for ip in engine_host_addresses(client, host_image)
-        )
-    return sorted(nets)
-
-
-def engine_host_addresses(client: Any, image: str) -> list[str]:
-    """Every local address of the engine host (IPv4 from /proc/net/fib_trie, IPv6 from
-    /proc/net/if_inet6), read by ``cat`` in a container on the host's network."""
-    out = client.containers.run(
-        image, ["cat", "/proc/net/fib_trie", "/proc/net/if_inet6"], network_mode="host",
-        cap_drop=["ALL"], security_opt=["no-new-privileges"], user="65534", remove=True,
-        labels={"agentbox.role": "host-addresses"},
-    )  # fmt: skip
-    return parse_host_addresses(out.decode(errors="replace"))
 
 
 def parse_host_addresses(text: str) -> list[str]:

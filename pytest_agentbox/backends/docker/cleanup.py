@@ -34,9 +34,13 @@ def _dead(labels: dict[str, str]) -> bool:
     )
 
 
-def find_leaked(client: Any) -> list[tuple[Leaked, Any]]:
-    """Our objects whose owning process is gone, containers first (they hold the rest)."""
-    flt = {"label": f"{paths.LABEL_MANAGED}=1"}
+def find_leaked(client: Any, run_id: str | None = None) -> list[tuple[Leaked, Any]]:
+    """Our objects whose owning process is gone, containers first (they hold the rest);
+    with ``run_id``, only that run's."""
+    labels = [f"{paths.LABEL_MANAGED}=1"]
+    if run_id:
+        labels.append(f"{paths.LABEL_RUN}={run_id}")
+    flt: dict[str, Any] = {"label": labels}
     found: list[tuple[Leaked, Any]] = []
     # ignore_removed: the SDK fetches each listed container again, and one that another
     # process removes in between would otherwise fail the whole clean-up (NotFound).
@@ -52,14 +56,14 @@ def find_leaked(client: Any) -> list[tuple[Leaked, Any]]:
     return found
 
 
-def collect(client: Any, *, dry_run: bool = False) -> list[Leaked]:
+def collect(client: Any, *, dry_run: bool = False, run_id: str | None = None) -> list[Leaked]:
     """Remove (or with ``dry_run`` only list) leaked objects of dead owners on ``client``'s
-    engine (each :class:`Leaked` names it)."""
+    engine (each :class:`Leaked` names it); with ``run_id``, only that run's."""
     from pytest_agentbox.backends.docker.engine import engine_key
 
     where = engine_key(client)
     done: list[Leaked] = []
-    for found, obj in find_leaked(client):
+    for found, obj in find_leaked(client, run_id):
         leaked = dataclasses.replace(found, engine=where)
         if not dry_run:
             with contextlib.suppress(Exception):

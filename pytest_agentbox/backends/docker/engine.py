@@ -21,16 +21,23 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from pytest_agentbox.backends.base import DEFAULT_IMAGE, MAX_OUTPUT, ExecOutput  # noqa: F401
+from pytest_agentbox.backends.base import read_ready as _read_ready
+from pytest_agentbox.backends.tools import (  # noqa: F401  (this module's names before the seam)
+    BOOT,
+    INSIDE_DIR,
+    SYSTEM_DIRS,
+    tar_bytes,
+    tar_directory,
+    tool_command,
+    tool_source,
+)
 from pytest_agentbox.errors import AgentboxError, DockerUnavailable, ImageMissing
 
-DEFAULT_IMAGE = "agentbox/base:bookworm"
-# The stdlib-only files that run inside containers (see pytest_agentbox.inside).
-INSIDE_DIR = Path(__file__).resolve().parents[2] / "inside"
 LOCAL_SOCKET = "unix:///var/run/docker.sock"
 
 # One client per engine and process, and per engine what was checked on it once: an
@@ -378,6 +385,26 @@ def loader_unset(client: Any, image: str) -> dict[str, str | None]:
     return {n: None for n in (v.split("=", 1)[0] for v in env) if is_loader_variable(n)}
 
 
+def copy_image(
+    src: Any, dst: Any, tag: str, source: EngineSpec, target: EngineSpec, *, say: Any = print
+) -> None:
+    """``docker save TAG | docker load`` from client ``src`` to ``dst``, streamed through
+    the API; AgentboxError saying what to do when ``source`` does not have ``tag``."""
+    from docker.errors import ImageNotFound
+
+    try:
+        image = src.images.get(tag)
+    except ImageNotFound:
+        raise AgentboxError(
+            f"image {tag!r} is not on {source.text}: build it there first "
+            f"(`agentbox image build --engine {source.text}`)"
+        ) from None
+    say(f"agentbox: copying {tag} from {source.text} to {target.text}", flush=True)
+    dst.images.load(image.save(named=True))
+    dst.images.get(tag)  # loaded under its name, or ImageNotFound says it was not
+    say(f"agentbox: {tag} is on {target.text}")
+
+
 def _engine_arg(spec: EngineSpec) -> str:
     return "" if spec.from_environment else f" --engine {spec.text}"
 
@@ -427,19 +454,6 @@ def storage_quota(client: Any) -> str:
     except Exception as exc:  # only a description: never the reason a sandbox fails
         return f"unknown ({type(exc).__name__})"
     return f"none ({driver or 'unknown driver'} on {backing or 'unknown file system'})"
-
-
-@dataclass
-class ExecOutput:
-    """What one exec printed, and how it ended."""
-
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    dropped: tuple[int, int] = (0, 0)  # bytes of stdout, stderr past the output cap
-    # The exec was still running at its deadline: left running, exit_code -1, the
-    # output what came until then.
-    deadline_passed: bool = False
 
 
 def _frames(sock: Any) -> Iterator[tuple[int, bytes]]:
@@ -721,70 +735,25 @@ def attached_count() -> int:
     return sum(1 for s in list(_ATTACHED) if s.fileno() != -1)
 
 
-# The daemon's own stderr kept for its error (the end of it: that is where the reason is).
-_DAEMON_STDERR = 4096
+class _SocketFrames:
+    """A raw attach or exec socket as a :class:`~pytest_agentbox.backends.base.FrameSource`."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def frames(self) -> Iterator[tuple[int, bytes]]:
+        return _frames(self.sock)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+    def gettimeout(self) -> float | None:
+        return self.sock.gettimeout()  # type: ignore[no-any-return]
 
 
-def read_ready(
-    sock: socket.socket, timeout: float = 30.0, *, with_stderr: bool = False
-) -> dict[str, Any]:
-    """The first stdout line of a daemon as JSON; {} when none comes within ``timeout``.
-
-    A line with ``"ready": false`` is returned as it is, so its ``error`` reaches the user.
-    With ``with_stderr``, when the daemon is not ready, whatever it wrote to stderr (a
-    traceback, a refusal) is added to ``error``: a daemon that fails to start is seen by
-    its own words. Only for daemons that hold no secret (an exception's text can quote
-    its config): the sidecar, which holds keys, relays its daemons' errors itself.
-    """
-    line, err = b"", bytearray()
-    old = sock.gettimeout()
-    done = False
-    try:
-        sock.settimeout(timeout)
-        frames = _frames(sock)
-        for stream, data in frames:
-            if stream == 2:
-                err.extend(data)
-                del err[:-_DAEMON_STDERR]
-            elif stream == 1:
-                line += data
-                if b"\n" in line:
-                    done = True
-                    break
-    except OSError:
-        pass
-    ready = _parse_ready(line)
-    if done and not ready.get("ready"):
-        # It said no, and is likely exiting: its stderr may follow the line.
-        deadline = time.monotonic() + 2.0
-        with contextlib.suppress(OSError):
-            sock.settimeout(2.0)
-            for stream, data in frames:
-                if stream == 2:
-                    err.extend(data)
-                    del err[:-_DAEMON_STDERR]
-                if time.monotonic() > deadline:
-                    break
-    with contextlib.suppress(OSError):
-        sock.settimeout(old)
-    text = err.decode("utf-8", "replace").strip() if with_stderr else ""
-    if text and not ready.get("ready"):
-        said = ready.get("error")
-        ready["error"] = f"{said}; its stderr: {text}" if said else text
-    return ready
-
-
-def _parse_ready(line: bytes) -> dict[str, Any]:
-    try:
-        ready = json.loads(line.split(b"\n", 1)[0])
-    except ValueError:
-        return {}
-    return dict(ready) if isinstance(ready, dict) else {}
-
-
-# Output kept per stream of one command; the rest is counted, not held (a command that
-# prints gigabytes must not grow pytest by gigabytes).
-MAX_OUTPUT = 16 * 1024 * 1024
+def read_ready(sock: Any, timeout: float = 30.0, *, with_stderr: bool = False) -> dict[str, Any]:
+    """:func:`pytest_agentbox.backends.base.read_ready` on a raw attach or exec socket."""
+    return _read_ready(_SocketFrames(sock), timeout, with_stderr=with_stderr)
 
 
 class _DeadlinePassed(Exception):
@@ -933,116 +902,6 @@ def exec_exit_code(client: Any, exec_id: str, *, wait: float = 30.0) -> int:
             return -1
         time.sleep(pause)
         pause = min(pause * 2, 0.2)
-
-
-def tar_bytes(
-    files: Iterable[tuple[str, bytes, int]],
-    *,
-    uid: int = 0,
-    gid: int = 0,
-    dirs: Iterable[tuple[str, int]] = (),
-) -> bytes:
-    """A tar of (name, data, mode) files and (name, mode) dirs, all owned by uid:gid."""
-    buf = io.BytesIO()
-    now = int(time.time())
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, mode in dirs:
-            info = tarfile.TarInfo(name)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, mode, now
-            info.uid, info.gid = uid, gid
-            tar.addfile(info)
-        for name, data, mode in files:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.uid, info.gid, info.mtime = len(data), mode, uid, gid, now
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-# Never shipped into a sandbox: version control, caches, virtualenvs, and the state
-# directories (state comes back only through the state store's safe path).
-_UPLOAD_SKIP = {
-    ".git", ".hg", ".svn", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache",
-    ".tox", ".venv", "venv", "node_modules", "workspace", "data", "output", "state",
-}  # fmt: skip
-
-
-def tar_directory(
-    local_dir: Path, *, uid: int, gid: int, skip: set[str] | None = None, prefix: str = ""
-) -> bytes:
-    """A tar of ``local_dir``'s contents owned by uid:gid; symlinks and specials are left out.
-
-    With ``prefix`` every member lies under that directory, which the tar itself creates
-    (so the engine makes it, owned by uid:gid, without an exec in the container).
-    """
-    skip = _UPLOAD_SKIP if skip is None else skip
-    buf = io.BytesIO()
-    root = Path(local_dir)
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        if prefix:
-            info = tarfile.TarInfo(prefix)
-            info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o755, uid, gid
-            info.mtime = int(time.time())
-            tar.addfile(info)
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in skip)
-            rel_dir = Path(prefix) / Path(dirpath).relative_to(root)
-            for name in [*dirnames, *sorted(filenames)]:
-                path = Path(dirpath) / name
-                st = path.lstat()
-                if not (path.is_dir() or path.is_file()) or path.is_symlink():
-                    continue
-                if name.endswith(".pyc"):
-                    continue
-                info = tarfile.TarInfo(str(rel_dir / name))
-                info.uid, info.gid, info.mtime = uid, gid, int(st.st_mtime)
-                if path.is_dir():
-                    info.type, info.mode = tarfile.DIRTYPE, 0o755
-                    tar.addfile(info)
-                else:
-                    info.size, info.mode = st.st_size, 0o755 if st.st_mode & 0o111 else 0o644
-                    with path.open("rb") as fh:
-                        tar.addfile(info, fh)
-    return buf.getvalue()
-
-
-# Runs one of our stdlib tools from its source on stdin: a length line, then the source,
-# then whatever the tool itself reads. Nothing needs writing into the container first
-# (an archive upload costs the engine a process start), and -I -S keep the image's
-# site-packages and PYTHON* variables out of a root process.
-BOOT = (
-    "import sys;b=sys.stdin.buffer;n=int(b.readline());s=b.read(n);sys.argv=sys.argv[1:];"
-    "exec(compile(s,sys.argv[0],'exec'),{'__name__':'__main__'})"
-)
-
-# The standard directories, in PATH order. A root step names its interpreter by absolute
-# path: it looks in these itself (before any user code has run) instead of through PATH.
-SYSTEM_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
-_FIND_PYTHON = (
-    f"for d in {' '.join(SYSTEM_DIRS)}; do "
-    'if [ -x "$d/python3" ]; then exec "$d/python3" -I -S -c "$0" "$@"; fi; done; '
-    'echo "agentbox: no python3 in the image (looked in the standard directories)" >&2; '
-    "exit 127"
-)
-
-
-@functools.cache
-def tool_source(name: str) -> bytes:
-    """The source of one of our stdlib tools (``pytest_agentbox/inside/<name>``)."""
-    return (INSIDE_DIR / name).read_bytes()
-
-
-def tool_command(name: str, *args: str, python: str | None = None) -> tuple[list[str], bytes]:
-    """(argv, stdin prefix) that run ``pytest_agentbox/<name>`` in a container's python3.
-
-    ``python`` is the interpreter's absolute path; without it ``/bin/sh`` looks for
-    ``python3`` in the standard directories (no PATH lookup).
-    """
-    source = tool_source(name)
-    if python:
-        argv = [python, "-I", "-S", "-c", BOOT, name, *args]
-    else:
-        argv = ["/bin/sh", "-c", _FIND_PYTHON, BOOT, name, *args]
-    return argv, b"%d\n%s" % (len(source), source)
 
 
 def start_daemon(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_agentbox import paths
+from pytest_agentbox.backends import tools
 from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.errors import EgressError, KeyProxyError
 
@@ -60,30 +61,45 @@ def check_network(client: Any, name: str) -> None:
     _NETWORKS_SEEN.add((engine.engine_key(client), name))
 
 
-def create_volume(client: Any, owner: paths.Owner) -> Any:
-    """The volume the sandbox and its sidecar share (it holds only the socket)."""
-    return client.volumes.create(name=paths.unique_name("egress"), labels=owner.labels("egress"))
-
-
 KEYPROXY_LOG = "/var/log/agentbox-keyproxy.jsonl"
 
 
 @dataclass
 class Sidecar:
-    """A running sidecar: its container, the owner channel, and what its daemons said."""
+    """A running sidecar: its container, the owner channel, and what its daemons said
+    (a :class:`~pytest_agentbox.backends.base.Sidecar`)."""
 
     container: Any
     channel: socket.socket
     ready: dict[str, Any] = field(default_factory=dict)
+    socket_dir: str = SOCKET_DIR
+
+    @property
+    def id(self) -> str:
+        """The sidecar container's id."""
+        return str(self.container.id)
 
     def key_socket(self, provider: str) -> str:
         """The sidecar's Unix socket (a path on the shared volume) for one key route."""
         return str(self.ready["keys"]["sockets"][provider])
 
+    def decisions(self) -> str:
+        """The egress decision log (see :func:`decisions`)."""
+        return decisions(self)
+
+    def key_requests(self) -> str:
+        """The key proxy's request log (see :func:`key_requests`)."""
+        return key_requests(self)
+
     def close(self) -> None:
         """Drop the owner channel: the supervisor exits and the container stops."""
         with contextlib.suppress(OSError):
             self.channel.close()
+
+    def remove(self) -> None:
+        """Remove the container (and its anonymous volumes); never raises."""
+        with contextlib.suppress(Exception):
+            self.container.remove(force=True, v=True)
 
 
 def start(
@@ -102,10 +118,10 @@ def start(
     ``routes`` are the key proxy's routes with their real keys (empty: no key proxy).
     """
     check_network(client, config.egress_network)
-    from pytest_agentbox.policy.egress import cached_engine_nets
+    from pytest_agentbox.backends.docker.networks import cached_engine_nets
 
     refuse = cached_engine_nets(client, config.image)
-    argv, source = engine.tool_command("supervisor.py")
+    argv, source = tools.tool_command("supervisor.py")
     container = client.containers.create(
         config.image,
         # This box holds the real keys and runs from an image we do not control: the
@@ -188,8 +204,8 @@ def _config(
             "log_path": KEYPROXY_LOG,
         }
     needed = ("egressproxy.py", "keyproxy.py") if routes else ("egressproxy.py",)
-    sources = {n: engine.tool_source(n).decode() for n in needed}
-    return {"boot": engine.BOOT, "sources": sources, "egress": egress, "keys": keys}
+    sources = {n: tools.tool_source(n).decode() for n in needed}
+    return {"boot": tools.BOOT, "sources": sources, "egress": egress, "keys": keys}
 
 
 def decisions(sidecar: Sidecar) -> str:
