@@ -232,3 +232,78 @@ def test_pytest_captured_output_and_failure_text_are_redacted(
     assert random_key.lower() not in lowered
     assert random_key.encode().hex() not in lowered
     assert random_key[4:-4] not in out
+
+
+# Where else a key a test handled can surface (found by the session-3 attack).
+LEAK_INNER = """
+import logging, warnings
+import pytest
+
+KEY = {key!r}
+
+@pytest.fixture
+def sb(vault, sandbox_factory, fake_upstream):
+    vault.add("openai", KEY)
+    return sandbox_factory()
+
+@pytest.mark.agentbox_keys("openai")
+def test_vector(sb, record_property):
+{body}
+"""
+
+VECTORS = {
+    # Live logging (log_cli, common in ini files) writes records as they happen.
+    "log_cli": (
+        "    logging.getLogger('agent').warning('live %s', KEY)",
+        ["-o", "log_cli=true", "-o", "log_cli_level=WARNING"],
+    ),
+    # The warnings summary comes from pytest_warning_recorded, not from the report.
+    "warning": ("    warnings.warn(f'warned {KEY}')", []),
+    # report.wasxfail is shown by -rx and written as junit's skipped message.
+    "xfail": ("    pytest.xfail(f'xfailed {KEY}')", ["-rx"]),
+    # user_properties go to junit <property> (and --report-log / xdist) unredacted.
+    "record_property": ("    record_property('agent_output', f'prop {KEY}')", []),
+    # The canonical leak check: pytest shortens the term to 42 chars before we see it.
+    "not_in_truncated": ("    assert KEY not in 'agent said: ' + KEY", []),
+}
+
+
+def _key_spans(key: str, text: str, n: int = 16) -> int:
+    """How many of the key's n-character windows appear in ``text``."""
+    return sum(key[i : i + n] in text for i in range(len(key) - n + 1))
+
+
+@pytest.mark.parametrize("vector", sorted(VECTORS))
+def test_no_key_reaches_terminal_or_junit(
+    pytester: pytest.Pytester, docker_client: Any, base_image: str, random_key: str, vector: str
+) -> None:
+    body, args = VECTORS[vector]
+    pytester.makepyfile(LEAK_INNER.format(key=random_key, body=body))
+    junit = pytester.path / "junit.xml"
+    result = pytester.runpytest_subprocess(
+        "-p", "no:benchmark", f"--agentbox-image={base_image}", f"--junitxml={junit}",
+        *args, timeout=300,
+    )  # fmt: skip
+    out = result.stdout.str() + result.stderr.str() + junit.read_text()
+    # The test file's own source listing is not a leak path we attack: drop its lines.
+    out = "\n".join(line for line in out.splitlines() if "KEY = " not in line)
+    assert "INTERNALERROR" not in out
+    assert random_key not in out, vector
+    assert _key_spans(random_key, out) == 0, (vector, "partial key in the output")
+
+
+def test_a_skip_reason_with_a_token_does_not_crash_the_terminal_summary(
+    pytester: pytest.Pytester, docker_client: Any, base_image: str, random_key: str
+) -> None:
+    # A skip's longrepr is a (path, line, reason) tuple that pytest's skip summary and
+    # junit unpack: redaction must keep that shape (it once made it one string).
+    pytester.makepyfile(
+        LEAK_INNER.format(key=random_key, body="    pytest.skip(f'no quota: {KEY}')")
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:benchmark", f"--agentbox-image={base_image}", "-rs",
+        f"--junitxml={pytester.path / 'j.xml'}", timeout=300,
+    )  # fmt: skip
+    out = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in out, out[-1500:]
+    assert result.ret == 0

@@ -20,6 +20,7 @@ import pytest
 
 from pytest_agentbox.errors import AgentboxError, DockerUnavailable, KeyMissing, ManifestError
 from pytest_agentbox.plugin import options as abs_options
+from pytest_agentbox.plugin import redaction
 from pytest_agentbox.plugin import session as abs_session
 from pytest_agentbox.plugin.options import OptionError
 
@@ -97,6 +98,16 @@ def pytest_configure(config: pytest.Config) -> None:
     atexit.register(abs_session.close_all)
 
 
+def _redact_live_logging(config: pytest.Config) -> None:
+    # Live logging (log_cli) and --log-file write records as they happen, past the
+    # reports: their handlers redact each record for every sandbox of this process.
+    logging_plugin = config.pluginmanager.get_plugin("logging-plugin")
+    for name in ("log_cli_handler", "log_file_handler"):
+        handler = getattr(logging_plugin, name, None)
+        if handler is not None:
+            handler.addFilter(redaction.LogRedactor())
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A bad per-test option value is a usage error before any sandbox is made, not a
     # failure found an hour into the run. Not on xdist workers: a usage error there is
@@ -118,6 +129,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # starts: a typo or a stopped engine is one message, not a run of failures.
     # Workers skip it (their controller checked); so do --help and --collect-only.
     config = session.config
+    _redact_live_logging(config)  # the logging plugin is registered by now
     state = config.stash.get(_STATE_KEY, None)
     if state is None or not state.engines_explicit or hasattr(config, "workerinput"):
         return
@@ -206,8 +218,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for title, text in abs_session.report_sections(sandboxes):
             report.sections.append((f"agentbox: {title}", text))
     if sandboxes:
-        abs_session.redact_report(report, sandboxes)
+        redaction.redact_report(report, abs_session.hidden_of(sandboxes))
     return report
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_warning_recorded(warning_message: Any) -> None:
+    # Before the terminal keeps it for the summary (or a worker sends it on).
+    redaction.redact_warning(warning_message)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -32,6 +32,7 @@ from pytest_agentbox.errors import (
 )
 from pytest_agentbox.plugin.options import OptionError, Settings, isolation_runtime, marker_keys
 from pytest_agentbox.plugin.options import resolve as resolve_options
+from pytest_agentbox.plugin.redaction import HIDDEN, redactor
 
 # Kept light on purpose: the plugin loads this in every pytest run of an environment
 # where pytest-agentbox is installed, and in every xdist process. pydantic (manifest),
@@ -46,7 +47,8 @@ __all__ = [
     "RunState",
     "choose_engine",
     "close_all",
-    "redact_report",
+    "hidden_of",
+    "redactor",
     "report_sections",
     "setup_summary",
 ]
@@ -110,56 +112,17 @@ def choose_engine(engines: Sequence[EngineSpec], worker: str) -> EngineSpec:
     return engines[int(match[1]) % len(engines)] if match else engines[0]
 
 
-def redactor(secrets_: list[str]) -> Callable[[str], str]:
-    """A function that replaces every secret, in every form it leaks in, by ``[redacted]``.
-
-    The forms are the key proxy's (``keyproxy.leak_forms``), matched regardless of case
-    (hex and percent-escapes are written in either, or mixed), plus JSON text in which
-    any character may be spelled ``\\u00XX`` (or ``\\/``, ``\\"``, ``\\\\``).
-    """
-    from pytest_agentbox.inside.keyproxy import leak_forms
-
-    forms = {s for s in secrets_ if s and len(s) >= 8}
-    forms |= {f.decode() for s in list(forms) if s.isascii() for f in leak_forms(s.encode())}
-    values = sorted({f for f in forms if len(f) >= 8}, key=len, reverse=True)
-    alternatives = [_json_spelled(s) for s in secrets_ if s and len(s) >= 8 and s.isascii()]
-    alternatives += [re.escape(v) for v in values]
-    if not alternatives:
-        return lambda text: text
-    pattern = re.compile("|".join(alternatives), re.IGNORECASE)
-    return lambda text: pattern.sub("[redacted]", text)
-
-
-def _json_spelled(secret: str) -> str:
-    """A pattern for ``secret`` with each character as itself or a JSON escape of it."""
-    parts = []
-    for c in secret:
-        spellings = [re.escape(c), rf"\\u{ord(c):04x}"]
-        if c in '/"\\':
-            spellings.append(re.escape("\\" + c))
-        parts.append("(?:" + "|".join(spellings) + ")")
-    return "".join(parts)
-
-
 def _hidden(sb: Sandbox) -> list[str]:
     """What a report must never show of ``sb``: its real keys and the agent's tokens."""
     routes = {r.env_var for r in sb.config.key_routes}
     return list(sb.config.keys.values()) + [v for k, v in sb.env.items() if k in routes]
 
 
-def redact_report(report: Any, sandboxes: list[Sandbox]) -> None:
-    """Redact pytest's own parts of ``report`` (captured output and log sections, the
-    failure text) for the keys and tokens of ``sandboxes``: a test that prints a command's
-    output, or an assertion that shows it, must not carry a key into the report."""
+def hidden_of(sandboxes: list[Sandbox]) -> list[str]:
+    """The keys and tokens of ``sandboxes``, also remembered for process-wide output."""
     hidden = [h for sb in sandboxes for h in _hidden(sb)]
-    if not hidden:
-        return
-    redact = redactor(hidden)
-    report.sections = [(redact(title), redact(text)) for title, text in report.sections]
-    if report.longrepr is not None:
-        text = str(report.longrepr)
-        if redact(text) != text:  # only then: the original keeps its structure for xdist
-            report.longrepr = redact(text)
+    HIDDEN.add(hidden)
+    return hidden
 
 
 def report_sections(sandboxes: list[Sandbox]) -> list[tuple[str, str]]:
