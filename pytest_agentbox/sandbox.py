@@ -57,7 +57,7 @@ from pytest_agentbox.backends.base import (
 from pytest_agentbox.errors import AgentboxError, HardeningError, KeyProxyError, SetupCommandFailed
 from pytest_agentbox.inside import hardening
 from pytest_agentbox.policy.manifest import KeyRoute, Resources, format_size
-from pytest_agentbox.policy.values import MAX_SECONDS
+from pytest_agentbox.policy.values import MAX_SECONDS, check_image_ref
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -223,6 +223,10 @@ class SandboxConfig:
     """Everything a sandbox is made from; the plugin builds it from manifest and markers."""
 
     image: str = DEFAULT_IMAGE
+    # The sidecar holds the real keys: it runs from an image we built (debootstrap, see
+    # `agentbox image build`), not from the sandbox's, whose code, loader configuration
+    # (/etc/ld.so.preload), libc, libssl and python would otherwise run beside the keys.
+    sidecar_image: str = DEFAULT_IMAGE
     code_dir: Path | None = None
     setup_command: str | None = None
     resources: Resources = field(default_factory=Resources)
@@ -256,6 +260,8 @@ class SandboxConfig:
     def validate(self) -> None:
         """Check (and normalise) the fields a user can set wrong; ValueError if one is."""
         self.cap_add = check_cap_add(self.cap_add)
+        check_image_ref(self.image)
+        check_image_ref(self.sidecar_image)
         self.timeout = check_timeout(self.timeout)
         self.setup_timeout = check_timeout(self.setup_timeout, "setup_timeout")
 
@@ -421,6 +427,7 @@ class Sandbox:
         owner = cfg.owner()
         routes, agent_allow = self._routes(), self._agent_allow()
         if routes or agent_allow:
+            self.backend.ensure_image(cfg.sidecar_image, what="sidecar image")
             self.volume = self.backend.create_volume(
                 paths.unique_name("egress"), owner.labels("egress")
             )

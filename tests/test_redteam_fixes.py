@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ours
 
 from pytest_agentbox import paths
 from pytest_agentbox.inside import runner
@@ -518,11 +519,12 @@ __attribute__((constructor)) static void mark(void) {
 """
 
 
-def test_an_image_ld_preload_never_runs_in_the_key_holding_sidecar(
+def test_a_sandbox_image_preload_never_runs_in_the_key_holding_sidecar(
     internal_net: Any, make_sandbox: Any, docker_client: Any, base_image: str, tmp_path: Any
 ) -> None:
-    # The sidecar runs from the sandbox's image and holds the real keys: a library the
-    # image's ENV preloads would run inside it, before any of our code.
+    # The sidecar holds the real keys: a library the sandbox image preloads (its ENV, its
+    # /etc/ld.so.preload, or any of its binaries) must never run there. The sidecar runs
+    # from the trusted sidecar image, whatever the sandbox image is.
     import io
     import shutil
     import subprocess
@@ -538,7 +540,9 @@ def test_an_image_ld_preload_never_runs_in_the_key_holding_sidecar(
                     str(tmp_path / "mark.c")], check=True)  # fmt: skip
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w") as tar:
+        # Both ways an image preloads a library: the ENV variable and the loader's file.
         dockerfile = (f"FROM {base_image}\nCOPY mark.so /opt/mark.so\n"
+                      "RUN echo /opt/mark.so > /etc/ld.so.preload\n"
                       "ENV LD_PRELOAD=/opt/mark.so\n").encode()  # fmt: skip
         info = tarfile.TarInfo("Dockerfile")
         info.size = len(dockerfile)
@@ -556,7 +560,24 @@ def test_an_image_ld_preload_never_runs_in_the_key_holding_sidecar(
         sb.run("true")
         assert sb.read_file("/tmp/agentbox-preloaded").startswith(b"loaded")
         sidecar = docker_client.containers.get(sb.sidecar.id)
+        assert sidecar.attrs["Config"]["Image"] == sb.config.sidecar_image != tag
         assert engine.read_archive_file(sidecar, "/tmp/agentbox-preloaded") is None
         assert not [v for v in sidecar.attrs["Config"]["Env"] if v.startswith("LD_PRELOAD=")]
     finally:
         docker_client.images.remove(tag, force=True)
+
+
+def test_a_missing_sidecar_image_is_named_with_the_option_to_fix_it(
+    internal_net: Any, make_sandbox: Any, docker_client: Any
+) -> None:
+    from pytest_agentbox.errors import ImageMissing
+    from pytest_agentbox.policy.egress import compute_policy
+
+    policy = compute_policy(declared=["api.example.test"], key_domains=[],
+                            has_setup_command=False, unrestricted=False)  # fmt: skip
+    run_id = secrets.token_hex(8)
+    with pytest.raises(ImageMissing, match=r"sidecar image 'agentbox/no-such:0'.*"
+                       r"--agentbox-sidecar-image / agentbox_sidecar_image"):  # fmt: skip
+        make_sandbox(egress=policy, egress_network=internal_net.name,
+                     sidecar_image="agentbox/no-such:0", run_id=run_id)  # fmt: skip
+    assert ours(docker_client, run_id) == []

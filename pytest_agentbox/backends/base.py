@@ -281,8 +281,8 @@ class Backend(Protocol):
         """The engine's URL: what per-engine caches are keyed by."""
         ...
 
-    def ensure_image(self, image: str) -> None:
-        """ImageMissing (saying what to do) when ``image`` is not there."""
+    def ensure_image(self, image: str, *, what: str = "sandbox image") -> None:
+        """ImageMissing (saying what to do, naming ``what``) when ``image`` is not there."""
         ...
 
     def read_image_tar(

@@ -149,6 +149,12 @@ OPTIONS: tuple[Option, ...] = (
         default_doc="manifest `runtime.image`, else `agentbox/base:bookworm`",
     ),
     Option(
+        "sidecar-image", "string", None,
+        "image of the sidecar that holds the keys and enforces egress (needs python3)",
+        check=check_image_ref, allowed="a Docker image reference",
+        default_doc="`agentbox/base:bookworm` (never the sandbox image: it runs beside the keys)",
+    ),
+    Option(
         "runtime", "string", None,
         "Docker runtime the sandboxes run under, e.g. runsc (gVisor)",
         marker=True, check=check_runtime_name,

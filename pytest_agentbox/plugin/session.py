@@ -443,6 +443,7 @@ class RunState:
         state_key = rest.get("state")
         config = SandboxConfig(
             image=settings.explicit("image") or manifest.runtime.image or DEFAULT_IMAGE,
+            sidecar_image=settings.get("sidecar-image") or DEFAULT_IMAGE,
             runtime=settings.explicit("runtime") or isolation_runtime(manifest.runtime.isolation),
             code_dir=self.manifest_path.parent if self.manifest_path else None,
             setup_command=manifest.runtime.setup_command,

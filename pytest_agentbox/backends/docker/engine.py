@@ -355,7 +355,7 @@ def _client_class() -> Any:
     return EngineClient
 
 
-def ensure_image(client: Any, image: str) -> None:
+def ensure_image(client: Any, image: str, *, what: str = "sandbox image") -> None:
     """Fail with a clear message when ``image`` is not on the engine (once per engine)."""
     key = engine_key(client)
     if image in _images_seen.get(key, ()):
@@ -367,11 +367,12 @@ def ensure_image(client: Any, image: str) -> None:
     except ImageNotFound:
         spec = engine_of(client)
         where = "this Docker engine" if spec.from_environment else f"the engine {spec.text}"
+        option = "sidecar-image" if what == "sidecar image" else "image"
         raise ImageMissing(
-            f"sandbox image {image!r} is not on {where}. Build the default one with "
+            f"{what} {image!r} is not on {where}. Build the default one with "
             f"`agentbox image build{_engine_arg(spec)}` (or copy it from an engine that has "
             "it with `--copy-from URL`), `docker pull` yours, or choose another with "
-            "--agentbox-image / agentbox_image."
+            f"--agentbox-{option} / agentbox_{option.replace('-', '_')}."
         ) from None
     _images_seen.setdefault(key, set()).add(image)
 

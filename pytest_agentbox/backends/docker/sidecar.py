@@ -120,13 +120,13 @@ def start(
     check_network(client, config.egress_network)
     from pytest_agentbox.backends.docker.networks import cached_engine_nets
 
-    refuse = cached_engine_nets(client, config.image)
+    refuse = cached_engine_nets(client, config.sidecar_image)
     argv, source = tools.tool_command("supervisor.py")
     container = client.containers.create(
-        config.image,
+        config.sidecar_image,
         # This box holds the real keys and runs from an image we do not control: the
         # loader must not act on the image's LD_PRELOAD and friends before our code.
-        environment=engine.loader_unset(client, config.image),
+        environment=engine.loader_unset(client, config.sidecar_image),
         entrypoint=argv[:1],  # not the image's ENTRYPOINT, nor its HEALTHCHECK
         command=argv[1:],
         healthcheck={"test": ["NONE"]},
