@@ -27,7 +27,7 @@ import pytest
 
 from pytest_agentbox import paths
 from pytest_agentbox.backends.docker import engine
-from pytest_agentbox.errors import DockerUnavailable, ImageMissing
+from pytest_agentbox.errors import DockerUnavailable, HardeningError, ImageMissing
 from pytest_agentbox.plugin.hooks import run_state
 from pytest_agentbox.sandbox import Sandbox, SandboxConfig
 
@@ -61,12 +61,14 @@ def base_image(pytestconfig: pytest.Config) -> str:
 
 
 @pytest.fixture
-def make_sandbox(docker_client: Any, base_image: str) -> Iterator[Any]:
+def make_sandbox(docker_client: Any, base_image: str, pytestconfig: pytest.Config) -> Iterator[Any]:
     """Sandbox.create without the plugin (for configs the markers cannot express)."""
     made: list[Sandbox] = []
 
     def make(**kwargs: Any) -> Sandbox:
         kwargs.setdefault("image", base_image)
+        # The run's runtime (--agentbox-runtime): the conformance suite's runsc pass.
+        kwargs.setdefault("runtime", run_state(pytestconfig).default_runtime)
         return Sandbox.create(SandboxConfig(**kwargs), docker_client, on_created=made.append)
 
     yield make
@@ -140,6 +142,70 @@ def start_holding_run(path: Path, image: str, run_id: str) -> subprocess.Popen[s
             break
     proc.kill()
     raise AssertionError("the holding run never said READY:\n" + "".join(seen)[-3000:])
+
+
+# The conformance suite (tests/conformance.txt) also runs with --agentbox-runtime=runsc
+# (scripts/dev test). Where gVisor cannot give a guarantee, the sandbox must fail closed
+# with the reason; these are the reasons seen with Debian's runsc (2022-12), the first two
+# also proven on their own in tests/test_runsc.py. A test whose sandbox failed closed for
+# one of them (raised, or reported by the plugin's fixtures, or met where the test
+# expected another error) is reported xfailed with it; any other error, and fail-closed
+# for any other reason, stay failures. Under runc nothing is converted.
+RUNSC_FAILS_CLOSED = {
+    "the root file system cannot be remounted read-only (storage cap)": (
+        "sandbox hardening failed closed: the root file system could not be made read-only"
+    ),
+    "/proc cannot be remounted with hidepid=2 (keys)": (
+        "sandbox hardening failed closed: /proc could not be remounted with hidepid=2"
+    ),
+    "the image's VOLUME directories cannot be remounted read-only (storage cap)": (
+        "sandbox hardening failed closed: the image's VOLUME directories could not be made "
+        "read-only"
+    ),
+}
+# Tests that do not end under runsc: skipped there with the reason, run everywhere else.
+RUNSC_HANGS = {
+    "test_limits_from_the_manifest_are_applied": (
+        "under runsc a pids limit of 64 makes the root hardening exec hang until the "
+        "engine client's 120 s timeout (measured: memory 256m or cpus 0.5 alone fail "
+        "closed in ~7 s)"
+    ),
+}
+
+
+def _runsc_run(config: pytest.Config) -> bool:
+    return run_state(config).default_runtime == "runsc"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _runsc_run(config):
+        return
+    for item in items:
+        if why := RUNSC_HANGS.get(getattr(item, "originalname", item.name)):
+            item.add_marker(pytest.mark.skip(reason=f"hangs under runsc: {why}"))
+
+
+def _failed_closed_under_runsc(exc: BaseException | None) -> str | None:
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, HardeningError | pytest.fail.Exception | AssertionError):
+            text = str(exc)
+            for reason, message in RUNSC_FAILS_CLOSED.items():
+                if message in text:
+                    return reason
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if call.excinfo is None or not report.failed or not _runsc_run(item.config):
+        return
+    if reason := _failed_closed_under_runsc(call.excinfo.value):
+        report.outcome = "skipped"
+        report.wasxfail = f"fails closed under runsc: {reason}"
 
 
 def need_engine2(why: str) -> None:
