@@ -1,20 +1,31 @@
-"""A remote engine over tcp:// with TLS: the second engine that ``scripts/engine2`` starts.
+"""Remote engines: ``tcp://`` with TLS (the second engine ``scripts/engine2`` starts) and
+``ssh://`` (a throwaway sshd on loopback in front of the main engine, see ``ssh_engine``).
 
 Each check runs in a fresh interpreter: the package keeps one client per process, and
-what is tested is how that client is made from the environment. Skipped with the fix
-when the second engine is not running (``scripts/engine2 start``).
+what is tested is how that client is made from the environment. The TLS checks are
+skipped with the fix when the second engine is not running (``scripts/engine2 start``),
+the ssh ones when there is no sshd (``scripts/dev test`` installs openssh-server).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import need_engine2
+from conftest import SshEngine, need_engine2, ours, running_sshd
+from test_redteam_fixes import FORKS_AND_DIES
+
+from pytest_agentbox import paths
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE2 = ROOT / "scripts" / "engine2"
@@ -50,8 +61,10 @@ def tls_env() -> dict[str, str]:
     return engine2_env()
 
 
-def probe(env: dict[str, str]) -> dict[str, str]:
-    full = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+def probe(env: dict[str, str], *, inherit: bool = True) -> dict[str, str]:
+    """What PROBE prints in a fresh interpreter with ``env`` (on top of ``os.environ``
+    unless ``inherit`` is false: then ``env`` is the whole environment)."""
+    full = {**(os.environ if inherit else {}), **env, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-c", PROBE], capture_output=True, text=True, env=full, timeout=120
     )
@@ -99,3 +112,209 @@ def test_tls_engine_refuses_a_client_without_a_certificate(tls_env: dict[str, st
     ctx = ssl.create_default_context(cafile=str(Path(tls_env["DOCKER_CERT_PATH"]) / "ca.pem"))
     with pytest.raises((ssl.SSLError, OSError)):
         urllib.request.urlopen(f"https://{host}:{port}/version", context=ctx, timeout=30).read()
+
+
+# ---- ssh:// ------------------------------------------------------------------------
+
+# The agent's test, run by the plugin over the ssh engine: what it checks is the
+# hardening of the sandbox it got; what it writes down lets the outer test see where.
+HARDENED_OVER_SSH = """
+import json, os
+from pytest_agentbox.backends.docker import engine
+
+def test_hardened(sandbox):
+    r = sandbox.run(["sh", "-c", "id -u; grep -E '^(CapEff|NoNewPrivs):' /proc/self/status; "
+                     "touch /etc/agentbox-probe 2>&1 || echo READ-ONLY"])
+    assert r.ok, r.stderr
+    lines = r.stdout.split()
+    assert lines[0] != "0"                               # not root
+    assert "CapEff:" in lines and lines[lines.index("CapEff:") + 1] == "0" * 16
+    assert "NoNewPrivs:" in lines and lines[lines.index("NoNewPrivs:") + 1] == "1"
+    assert "READ-ONLY" in lines                          # the root file system
+    client = engine.get_client()
+    with open(os.environ["AGENTBOX_PROBE_OUT"], "w") as fh:
+        json.dump({"container": sandbox.container_id, "engine_id": client.info()["ID"],
+                   "base_url": client.api.base_url}, fh)
+"""
+
+
+def test_an_ssh_engine_runs_a_hardened_sandbox_through_the_plugin(
+    ssh_engine: SshEngine, docker_client: Any, base_image: str, tmp_path: Path
+) -> None:
+    (tmp_path / "test_agent.py").write_text(HARDENED_OVER_SSH)
+    out_file = tmp_path / "where.json"
+    run_id = secrets.token_hex(8)
+    env = ssh_engine.environ(
+        PYTHONPATH=str(ROOT), AGENTBOX_PROBE_OUT=str(out_file), PYTEST_XDIST_TESTRUNUID=run_id
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark",
+         "--agentbox-require-docker", f"--agentbox-image={base_image}", "test_agent.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    where = json.loads(out_file.read_text())
+    # Through the SDK's ssh transport, to the engine behind that sshd (the main one),
+    # logged in with this run's key: nothing reached the engine's socket directly.
+    assert where["base_url"] == "http+docker://ssh"
+    assert where["engine_id"] == docker_client.info()["ID"]
+    assert "Accepted publickey for" in ssh_engine.log.read_text()
+    # Its sandbox, and everything of the run, is gone from that engine.
+    assert ours(docker_client, run_id) == []
+
+
+@pytest.fixture
+def internal_net(docker_client: Any) -> Iterator[Any]:
+    """An internal network on the main engine (the one behind the sshd) for the sidecar."""
+    labels = paths.Owner.current(paths.token()).labels("remote-test")
+    net = docker_client.networks.create(
+        paths.unique_name("net"), driver="bridge", internal=True, labels=labels
+    )
+    yield net
+    net.remove()
+
+
+def test_over_ssh_an_owner_killed_with_a_forked_child_alive_still_ends_its_sandbox(
+    ssh_engine: SshEngine, docker_client: Any, base_image: str, internal_net: Any,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    # The owner channels (sandbox and egress sidecar) run as SSH channels of one
+    # connection; a forked child holds a copy of that connection's descriptor. Killed
+    # without any clean-up, the owner must still end both containers: the child's copy
+    # is dropped at fork, so the connection ends and with it the containers' stdin.
+    run_id = secrets.token_hex(8)
+    script = tmp_path / "forks.py"
+    script.write_text(FORKS_AND_DIES)
+    child = 0
+    since = int(time.time()) - 1
+    try:
+        out = subprocess.run(
+            [sys.executable, str(script), base_image, internal_net.name, run_id],
+            capture_output=True, text=True, timeout=180,
+            env=ssh_engine.environ(PYTHONPATH=str(ROOT)),
+        )  # fmt: skip
+        assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+        info = json.loads(out.stdout.strip().splitlines()[-1])
+        child = info["child"]
+        died: dict[str, str] = {}
+        events = docker_client.events(
+            since=since, until=int(time.time()) + 30, decode=True,
+            filters={"label": f"{paths.LABEL_RUN}={run_id}", "event": "die"},
+        )  # fmt: skip
+        for event in events:
+            attrs = event.get("Actor", {}).get("Attributes", {})
+            died[attrs.get(paths.LABEL_ROLE, "?")] = attrs.get("exitCode", "?")
+            if len(died) == 2:
+                break
+        events.close()
+        os.kill(child, 0)  # the child still lives: only its dropped copy let them go
+        assert died == {"sandbox": "0", "egress": "0"}, died
+        assert info["before"] == 2 and info["in_child"] == 0, info
+    finally:
+        if child:
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
+        for obj in ours(docker_client, run_id):
+            with contextlib.suppress(Exception):
+                obj.remove(force=True)
+
+
+def _ssh_refusal(env: dict[str, str], url: str) -> str:
+    got = probe({**env, "DOCKER_HOST": url}, inherit=False)
+    assert "error" in got, f"connected to {got.get('url')}"
+    port = url.rsplit(":", 1)[1]
+    user = url.removeprefix("ssh://").split("@")[0]
+    # Names the engine, and the command that shows what is wrong and what it needs.
+    assert f"no Docker engine answers at {url} (" in got["error"]
+    assert f"`ssh -p {port} {user}@127.0.0.1 docker version` must work" in got["error"]
+    assert "~/.ssh/known_hosts" in got["error"]
+    return got["error"]
+
+
+def test_an_ssh_engine_nobody_listens_on_fails_with_what_to_do(ssh_engine: SshEngine) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago, now closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    user = ssh_engine.url.removeprefix("ssh://").split("@")[0]
+    why = _ssh_refusal(ssh_engine.environ(), f"ssh://{user}@127.0.0.1:{port}")
+    assert "Unable to connect" in why
+
+
+def test_an_ssh_engine_with_an_unknown_host_key_is_refused(
+    ssh_engine: SshEngine, tmp_path: Path
+) -> None:
+    # The same sshd and a key it accepts, but its host key is not pinned: a connect
+    # here would trust whoever answers on that address.
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    for name in ("id_ed25519", "config"):
+        (home / ".ssh" / name).write_bytes((ssh_engine.home / ".ssh" / name).read_bytes())
+    (home / ".ssh" / "id_ed25519").chmod(0o600)
+    why = _ssh_refusal(ssh_engine.environ(HOME=str(home)), ssh_engine.url)
+    assert "not found in known_hosts" in why
+
+
+def test_an_ssh_engine_that_refuses_the_key_is_refused_with_what_to_do(
+    ssh_engine: SshEngine, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    for name in ("known_hosts", "config"):
+        (home / ".ssh" / name).write_bytes((ssh_engine.home / ".ssh" / name).read_bytes())
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / ".ssh" / "id_ed25519")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    why = _ssh_refusal(ssh_engine.environ(HOME=str(home)), ssh_engine.url)
+    assert "Authentication failed" in why
+
+
+def test_the_plugin_fails_a_run_whose_ssh_engine_does_not_answer_with_the_fix(
+    ssh_engine: SshEngine, base_image: str, tmp_path: Path
+) -> None:
+    (tmp_path / "test_agent.py").write_text("def test_it(sandbox):\n    pass\n")
+    user = ssh_engine.url.removeprefix("ssh://").split("@")[0]
+    url = f"ssh://{user}@127.0.0.1:1"
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark",
+         "--agentbox-require-docker", f"--agentbox-image={base_image}", "test_agent.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env=ssh_engine.environ(PYTHONPATH=str(ROOT), DOCKER_HOST=url),
+    )  # fmt: skip
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text
+    assert f"no Docker engine answers at {url}" in text, text[-3000:]
+    assert f"`ssh -p 1 {user}@127.0.0.1 docker version` must work" in text, text[-3000:]
+
+
+SANDBOXES_UNTIL_REFUSED = """
+import sys
+from pytest_agentbox.errors import AgentboxError
+from pytest_agentbox.sandbox import Sandbox, SandboxConfig
+made = []
+try:
+    for _ in range(4):
+        made.append(Sandbox.create(SandboxConfig(image=sys.argv[1])))
+except AgentboxError as exc:
+    print(exc)
+finally:
+    for sb in made:
+        sb.close()
+"""
+
+
+def test_an_sshd_out_of_sessions_says_to_raise_max_sessions(
+    base_image: str, docker_client: Any, tmp_path: Path
+) -> None:
+    # Two sessions per connection: the client's pool and one owner channel fill it.
+    with running_sshd(tmp_path, "MaxSessions 2") as sshd:
+        out = subprocess.run(
+            [sys.executable, "-c", SANDBOXES_UNTIL_REFUSED, base_image],
+            capture_output=True, text=True, timeout=300,
+            env=sshd.environ(PYTHONPATH=str(ROOT)),
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"the sshd of {sshd.url} refused another session" in out.stdout, out.stdout
+    assert "Raise MaxSessions in that host's sshd_config" in out.stdout

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import io
 import ipaddress
 import json
@@ -185,16 +184,46 @@ def _connect(spec: EngineSpec, *, timeout: float) -> Any:
     try:
         client = _new_client(spec, timeout=timeout)
         client.ping()
-    except (DockerException, OSError) as exc:
+    except (DockerException, OSError, *_ssh_errors()) as exc:
         why = _tls_hint(exc, spec) or _short(exc)
         raise DockerUnavailable(
             f"no Docker engine answers at {spec.text} ({why}). {_engine_fix(spec)}"
         ) from None
-    client.agentbox_engine = spec
+    client.agentbox_engine = client.api.agentbox_engine = spec
     return client
 
 
+def _ssh_errors() -> tuple[type[BaseException], ...]:
+    """paramiko's own errors (host key unknown, key refused): not OSErrors."""
+    try:
+        from paramiko import SSHException
+    except ImportError:
+        return ()
+    return (SSHException,)
+
+
+def _ssh_fix(url: str) -> str:
+    """What an ``ssh://`` engine needs of the client side, as a command to try."""
+    parts = urllib.parse.urlsplit(url)
+    port = f"-p {parts.port} " if parts.port else ""
+    who = f"{parts.username}@{parts.hostname}" if parts.username else parts.hostname
+    return (
+        f"`ssh {port}{who} docker version` must work without a prompt: that host's key "
+        "in ~/.ssh/known_hosts (an unknown host is refused), a key it accepts in ~/.ssh "
+        "(or IdentityFile in ~/.ssh/config, or the ssh agent), and there a docker CLI "
+        "whose engine that user may use."
+    )
+
+
 def _engine_fix(spec: EngineSpec) -> str:
+    if spec.url.startswith("ssh://"):
+        where = (
+            "Or set DOCKER_HOST to another engine. Without --agentbox-require-docker, "
+            "sandbox tests are skipped instead."
+            if spec.from_environment
+            else "Or leave it out of --agentbox-engine / AGENTBOX_ENGINES / agentbox_engines."
+        )
+        return f"{_ssh_fix(spec.url)} {where}"
     if spec.from_environment:
         return (
             "Start Docker (e.g. `sudo systemctl start docker` or `dockerd &`), or set "
@@ -212,7 +241,11 @@ def _new_client(spec: EngineSpec, *, timeout: float) -> Any:
 
     cls = _client_class()
     if spec.from_environment:
-        return cls.from_env(timeout=timeout)
+        # What DockerClient.from_env does, plus the ssh options when DOCKER_HOST is ssh://.
+        env_kwargs: dict[str, Any] = {**docker.utils.kwargs_from_env(), "timeout": timeout}
+        if str(env_kwargs.get("base_url") or "").startswith("ssh://"):
+            env_kwargs.update(_SSH_OPTIONS)
+        return cls(**env_kwargs)
     kwargs: dict[str, Any] = {"base_url": spec.url, "timeout": timeout}
     if spec.cert_dir:
         files = [os.path.join(spec.cert_dir, n) for n in ("ca.pem", "cert.pem", "key.pem")]
@@ -235,9 +268,18 @@ def _new_client(spec: EngineSpec, *, timeout: float) -> Any:
                 f"{spec.url}#certs=DIR (ca.pem, cert.pem, key.pem)."
             )
     elif spec.url.startswith("ssh://"):
-        # The SDK's own SSH needs paramiko; without it, the ssh command (as the docker CLI).
-        kwargs["use_ssh_client"] = importlib.util.find_spec("paramiko") is None
+        kwargs.update(_SSH_OPTIONS)
     return cls(**kwargs)
+
+
+# ssh:// engines go through paramiko (docker[ssh]), not the ssh binary: the SDK's
+# shell-out socket ignores timeouts and half-closes (an exec's stdin would never end)
+# and starts an ssh process per connection; paramiko runs them all as channels (SSH
+# sessions) of one connection. The SDK keeps a connection pool per request URL, each
+# holding its idle session open: its default of 9 pools leaves no room under sshd's
+# default MaxSessions of 10 for what a sandbox holds (two owner channels with its
+# sidecar, one per running exec). Two pools: the least recently used closes.
+_SSH_OPTIONS: dict[str, Any] = {"use_ssh_client": False, "num_pools": 2}
 
 
 def _loopback(url: str) -> bool:
@@ -282,7 +324,7 @@ def check_engine(spec: EngineSpec, *, timeout: float = 10.0) -> str | None:
 # timeouts, and the SDK's own errors wrapping them.
 def is_engine_error(exc: BaseException) -> bool:
     """Whether ``exc`` could come from an engine that stopped answering."""
-    if isinstance(exc, DockerUnavailable | EngineLost | OSError):
+    if isinstance(exc, (DockerUnavailable, EngineLost, OSError, *_ssh_errors())):
         return True
     try:
         import requests
@@ -339,7 +381,24 @@ def _client_class() -> Any:
     """
     import docker
 
+    refused: tuple[type[BaseException], ...] = ()
+    with contextlib.suppress(ImportError):
+        from paramiko import ChannelException
+
+        refused = (ChannelException,)
+
     class EngineAPI(docker.APIClient):  # type: ignore[misc]
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().request(*args, **kwargs)
+            except refused as exc:  # an ssh:// engine's sshd opened no more sessions
+                raise AgentboxError(
+                    f"the sshd of {engine_of(self).text} refused another session ({exc}): "
+                    "it allows MaxSessions (10 by default) per connection, and each live "
+                    "sandbox holds one or two, each running exec one more. Raise MaxSessions "
+                    "in that host's sshd_config (e.g. 64) and reload sshd."
+                ) from exc
+
         def merge_environment_settings(
             self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
         ) -> Any:
@@ -677,6 +736,8 @@ def attach(client: Any, container_id: str) -> Any:
     sock: Any
     if isinstance(sdk, ssl.SSLSocket):  # a TLS engine: the descriptor carries TLS
         sock = TLSChannel(sdk)
+    elif type(sdk).__module__.startswith("paramiko"):  # an ssh:// engine: one SSH channel
+        sock = SSHChannel(sdk)
     else:  # the descriptor moves to a socket of our own
         sock = socket.socket(sdk.family, sdk.type, sdk.proto, fileno=sdk.detach())
         sock.set_inheritable(False)  # already the default for Python sockets: made sure
@@ -708,6 +769,42 @@ class TLSChannel:
         """Drop a forked child's copy of the descriptor without ending the parent's."""
         with contextlib.suppress(OSError):
             os.close(self._sock.detach())
+
+
+class SSHChannel:
+    """An owner channel over an ``ssh://`` engine (a paramiko channel running the remote
+    ``docker system dial-stdio``): ``close()`` closes the SSH channel, which ends the
+    remote end's connection to the engine whatever references the SDK's reader holds.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self._chan = channel
+        self._in_child = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._chan, name)
+
+    def fileno(self) -> int:
+        """-1 once closed; else the descriptor of the SSH connection carrying it (paramiko's
+        own ``fileno()`` would make a pipe)."""
+        if self._in_child or self._chan.closed:
+            return -1
+        return int(self._chan.get_transport().sock.fileno())
+
+    def close(self) -> None:
+        self._chan.close()
+
+    def close_in_child(self) -> None:
+        """Drop a forked child's copy of the SSH connection's descriptor (the parent's
+        connection, and so its channels, stay up; the child cannot use it anyway: the
+        transport's thread did not fork along)."""
+        self._in_child = True
+        transport = self._chan.get_transport()
+        sock = getattr(transport, "sock", None)
+        if isinstance(sock, socket.socket):
+            fd = sock.detach()  # -1 when another channel of the same connection did it
+            if fd != -1:
+                os.close(fd)
 
 
 # Every owner channel of this process. A forked child (multiprocessing, os.fork from a
