@@ -9,6 +9,10 @@ import pytest
 
 NO_ENGINE = "unix:///nonexistent/agentbox-test-docker.sock"
 
+# Inner runs that make sandboxes clean up dead owners' leftovers on the engine: they
+# share a worker with the tests that plant leftovers on purpose.
+pytestmark = pytest.mark.xdist_group("inner-runs")
+
 SANDBOX_TEST = """
 def test_uses_sandbox(sandbox):
     assert sandbox.run("true").exit_code == 0

@@ -116,7 +116,7 @@ def tool_source(name: str) -> bytes:
 
 
 def tool_command(name: str, *args: str, python: str | None = None) -> tuple[list[str], bytes]:
-    """(argv, stdin prefix) that run ``pytest_agentbox/<name>`` in a container's python3.
+    """(argv, stdin prefix) that run ``pytest_agentbox/inside/<name>`` in a container's python3.
 
     ``python`` is the interpreter's absolute path; without it ``/bin/sh`` looks for
     ``python3`` in the standard directories (no PATH lookup).
