@@ -25,12 +25,12 @@ import pytest
 from conftest import SshEngine, need_engine2, ours, running_sshd
 from test_redteam_fixes import FORKS_AND_DIES
 
+from pytest_agentbox import paths
+
 # The ssh tests start their own pytest runs against the main engine, and each such run
 # cleans up dead owners' leftovers there: they share one xdist worker with the tests that
 # plant leftovers on purpose (the inner-runs group), or that clean-up would race them.
 pytestmark = pytest.mark.xdist_group("inner-runs")
-
-from pytest_agentbox import paths
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE2 = ROOT / "scripts" / "engine2"
