@@ -323,3 +323,36 @@ def test_an_sshd_out_of_sessions_says_to_raise_max_sessions(
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"the sshd of {sshd.url} refused another session" in out.stdout, out.stdout
     assert "Raise MaxSessions in that host's sshd_config" in out.stdout
+
+
+def test_an_ssh_engine_whose_connect_hangs_is_reported_within_the_check_timeout() -> None:
+    # A host that drops packets: paramiko's connect has no timeout of its own. Stood in
+    # for by a local listener whose accept queue is full, so the kernel drops new SYNs.
+    import socket
+
+    from pytest_agentbox.backends.docker import engine
+
+    pytest.importorskip("paramiko")
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    port = lsock.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue; later SYNs go unanswered
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError, OSError):
+                c.connect(("127.0.0.1", port))
+            fillers.append(c)
+        time.sleep(0.5)
+        spec = engine.parse_engine_url(f"ssh://agentbox@127.0.0.1:{port}")
+        start = time.monotonic()
+        why = engine.check_engine(spec, timeout=2)
+        took = time.monotonic() - start
+    finally:
+        for c in fillers:
+            c.close()
+        lsock.close()
+    assert why is not None and took < 30, (why, took)
+    assert f"127.0.0.1:{port}" in why and "did not answer within" in why

@@ -311,13 +311,33 @@ def check_engine(spec: EngineSpec, *, timeout: float = 10.0) -> str | None:
     A client of its own (not the cached one, whose timeout is long): a dead or hung
     engine costs at most ``timeout``.
     """
-    try:
-        client = _connect(spec, timeout=timeout)
-    except DockerUnavailable as exc:
-        return str(exc)
-    with contextlib.suppress(Exception):
-        client.close()
-    return None
+    # In a thread of its own: paramiko's ssh connect takes no timeout, so a host that
+    # drops packets would otherwise hold the run's start forever.
+    found: list[str | None] = []
+
+    def ping() -> None:
+        try:
+            client = _connect(spec, timeout=timeout)
+        except DockerUnavailable as exc:
+            found.append(str(exc))
+            return
+        except Exception as exc:  # reported, never raised from a daemon thread
+            found.append(f"the Docker engine at {spec.text} does not answer ({_short(exc)})")
+            return
+        with contextlib.suppress(Exception):
+            client.close()
+        found.append(None)
+
+    thread = threading.Thread(target=ping, name="agentbox-engine-check", daemon=True)
+    thread.start()
+    thread.join(timeout + 5)
+    if not found:
+        return (
+            f"the Docker engine at {spec.text} did not answer within {timeout + 5:.0f} s "
+            "(the connection hangs: is the host up and its port reachable from here?). "
+            f"{_engine_fix(spec)}"
+        )
+    return found[0]
 
 
 # What an engine that went away looks like to the SDK: refused or reset connections,
