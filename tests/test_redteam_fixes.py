@@ -159,6 +159,15 @@ def plain_container(docker_client: Any, base_image: str) -> Any:
     c.remove(force=True)
 
 
+def root_daemon(client: Any, container: Any, argv: list[str], **kwargs: Any) -> dict[str, Any]:
+    """The package's daemon start (:func:`backends.base.start_daemon`) in ``container``."""
+    from pytest_agentbox.backends.base import ExecConfig, start_daemon
+    from pytest_agentbox.backends.docker.box import DockerBackend, DockerBox
+
+    box = DockerBox(DockerBackend.from_client(client), container)
+    return start_daemon(box, ExecConfig(argv, user="0", timeout=30), {}, **kwargs)
+
+
 @pytest.mark.parametrize(
     ("script", "expected"),
     [
@@ -172,20 +181,18 @@ def plain_container(docker_client: Any, base_image: str) -> Any:
 def test_a_daemon_that_fails_to_start_is_seen_by_its_own_message(
     docker_client: Any, plain_container: Any, script: str, expected: str
 ) -> None:
-    from pytest_agentbox.backends.docker import engine
 
     cmd = ["/bin/sh", "-c", "read -r _; " + script]
-    ready = engine.start_daemon(docker_client, plain_container.id, cmd, {}, with_stderr=True)
+    ready = root_daemon(docker_client, plain_container, cmd, with_stderr=True)
     assert not ready.get("ready")
     assert ready.get("error") == expected, ready
 
 
 def test_a_ready_daemons_stderr_is_not_an_error(docker_client: Any, plain_container: Any) -> None:
-    from pytest_agentbox.backends.docker import engine
 
     script = "read -r _; echo 'just a warning' >&2; echo '{\"ready\": true}'; sleep 1"
     argv = ["/bin/sh", "-c", script]
-    ready = engine.start_daemon(docker_client, plain_container.id, argv, {}, with_stderr=True)
+    ready = root_daemon(docker_client, plain_container, argv, with_stderr=True)
     assert ready == {"ready": True}
 
 
@@ -502,10 +509,9 @@ def test_a_daemons_stderr_stays_out_unless_asked_for(
 ) -> None:
     # A daemon whose config holds secrets may quote them in a traceback: by default the
     # ready line's own error is all that is shown.
-    from pytest_agentbox.backends.docker import engine
 
     script = f"read -r _; echo 'Traceback: {random_key}' >&2; exit 1"
-    ready = engine.start_daemon(docker_client, plain_container.id, ["/bin/sh", "-c", script], {})
+    ready = root_daemon(docker_client, plain_container, ["/bin/sh", "-c", script])
     assert ready == {}, ready
 
 

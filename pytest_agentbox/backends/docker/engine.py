@@ -1022,35 +1022,6 @@ def exec_exit_code(client: Any, exec_id: str, *, wait: float = 30.0) -> int:
         pause = min(pause * 2, 0.2)
 
 
-def start_daemon(
-    client: Any,
-    container_id: str,
-    cmd: list[str],
-    config: Mapping[str, Any],
-    *,
-    stdin_prefix: bytes = b"",
-    with_stderr: bool = False,
-    env: Mapping[str, str | None] | None = None,
-) -> dict[str, Any]:
-    """Start a root tool that reads one JSON config line and answers with one ready line.
-
-    Secrets in ``config`` travel only over the exec's stdin, never argv or env. The
-    tool keeps running after we detach. Returns the ready line ({} if none came); with
-    ``with_stderr`` (a tool whose config holds no secret), when it is not ready, its
-    ``error`` carries the tool's own stderr (see :func:`read_ready`).
-    ``stdin_prefix`` goes first (the tool's source, see :func:`tool_command`); ``env``
-    as for :func:`exec_start` (None unsets a variable the image's ENV sets).
-    """
-    _exec_id, sock = exec_start(client, container_id, cmd, user="0", env=env, timeout=30)
-    try:
-        sock.sendall(stdin_prefix + json.dumps(config).encode() + b"\n")
-        return read_ready(sock, with_stderr=with_stderr)
-    except OSError:
-        return {}
-    finally:
-        sock.close()
-
-
 def read_archive_file(container: Any, path: str, limit: int = 4 * 1024 * 1024) -> bytes | None:
     """One regular file's first ``limit`` bytes, read through the engine's archive API.
 
