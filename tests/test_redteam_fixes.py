@@ -342,13 +342,13 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_a_forked_child_that_outlives_the_owner_does_not_keep_the_sandbox_alive(
-    docker_client: Any, base_image: str, internal_net: Any, tmp_path: Path
+def owner_dies_with_a_forked_child(
+    client: Any, base_image: str, net: str, tmp_path: Path, env: dict[str, str] | None = None
 ) -> None:
+    """Run FORKS_AND_DIES (environment ``env``) and assert both its containers ended by
+    themselves although the forked child still lives."""
     import json
     import signal
-
-    from conftest import ours
 
     run_id = secrets.token_hex(8)
     script = tmp_path / "forks.py"
@@ -357,8 +357,8 @@ def test_a_forked_child_that_outlives_the_owner_does_not_keep_the_sandbox_alive(
     since = int(time.time()) - 1
     try:
         out = subprocess.run(
-            [sys.executable, str(script), base_image, internal_net.name, run_id],
-            capture_output=True, text=True, timeout=180,
+            [sys.executable, str(script), base_image, net, run_id],
+            capture_output=True, text=True, timeout=180, env=env,
         )  # fmt: skip
         assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
         info = json.loads(out.stdout.strip().splitlines()[-1])
@@ -366,7 +366,7 @@ def test_a_forked_child_that_outlives_the_owner_does_not_keep_the_sandbox_alive(
         # Their main processes end by themselves (exit 0, stdin at its end), not killed:
         # another run's clean-up of dead owners would show as exit 137.
         died: dict[str, str] = {}
-        events = docker_client.events(
+        events = client.events(
             since=since, until=int(time.time()) + 30, decode=True,
             filters={"label": f"{paths.LABEL_RUN}={run_id}", "event": "die"},
         )  # fmt: skip
@@ -383,9 +383,15 @@ def test_a_forked_child_that_outlives_the_owner_does_not_keep_the_sandbox_alive(
         if child:
             with contextlib.suppress(OSError):
                 os.kill(child, signal.SIGKILL)
-        for obj in ours(docker_client, run_id):
+        for obj in ours(client, run_id):
             with contextlib.suppress(Exception):
                 obj.remove(force=True)
+
+
+def test_a_forked_child_that_outlives_the_owner_does_not_keep_the_sandbox_alive(
+    docker_client: Any, base_image: str, internal_net: Any, tmp_path: Path
+) -> None:
+    owner_dies_with_a_forked_child(docker_client, base_image, internal_net.name, tmp_path)
 
 
 def test_closing_an_owner_channel_ends_the_sidecar_at_once(

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import SshEngine, need_engine2, ours, running_sshd
-from test_redteam_fixes import FORKS_AND_DIES
+from test_redteam_fixes import owner_dies_with_a_forked_child
 
 from pytest_agentbox import paths
 
@@ -187,41 +186,10 @@ def test_over_ssh_an_owner_killed_with_a_forked_child_alive_still_ends_its_sandb
     # connection; a forked child holds a copy of that connection's descriptor. Killed
     # without any clean-up, the owner must still end both containers: the child's copy
     # is dropped at fork, so the connection ends and with it the containers' stdin.
-    run_id = secrets.token_hex(8)
-    script = tmp_path / "forks.py"
-    script.write_text(FORKS_AND_DIES)
-    child = 0
-    since = int(time.time()) - 1
-    try:
-        out = subprocess.run(
-            [sys.executable, str(script), base_image, internal_net.name, run_id],
-            capture_output=True, text=True, timeout=180,
-            env=ssh_engine.environ(PYTHONPATH=str(ROOT)),
-        )  # fmt: skip
-        assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
-        info = json.loads(out.stdout.strip().splitlines()[-1])
-        child = info["child"]
-        died: dict[str, str] = {}
-        events = docker_client.events(
-            since=since, until=int(time.time()) + 30, decode=True,
-            filters={"label": f"{paths.LABEL_RUN}={run_id}", "event": "die"},
-        )  # fmt: skip
-        for event in events:
-            attrs = event.get("Actor", {}).get("Attributes", {})
-            died[attrs.get(paths.LABEL_ROLE, "?")] = attrs.get("exitCode", "?")
-            if len(died) == 2:
-                break
-        events.close()
-        os.kill(child, 0)  # the child still lives: only its dropped copy let them go
-        assert died == {"sandbox": "0", "egress": "0"}, died
-        assert info["before"] == 2 and info["in_child"] == 0, info
-    finally:
-        if child:
-            with contextlib.suppress(OSError):
-                os.kill(child, signal.SIGKILL)
-        for obj in ours(docker_client, run_id):
-            with contextlib.suppress(Exception):
-                obj.remove(force=True)
+    owner_dies_with_a_forked_child(
+        docker_client, base_image, internal_net.name, tmp_path,
+        env=ssh_engine.environ(PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
 
 
 def _ssh_refusal(env: dict[str, str], url: str) -> str:
