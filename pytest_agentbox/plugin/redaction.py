@@ -9,6 +9,7 @@ off (``-s``) goes straight to the terminal and cannot be redacted.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -24,16 +25,21 @@ PIECE = 12
 
 
 def redactor(secrets_: Iterable[str]) -> Callable[[str], str]:
-    """A function that replaces every secret, in every form it leaks in, by ``[redacted]``.
+    """A function that replaces every secret, in every form it leaks in, by ``[redacted]``
+    (see :func:`_redactor`; built once per set of secrets: every report phase asks)."""
+    return _redactor(frozenset(s for s in secrets_ if s and len(s) >= 8))
 
-    The forms are the key proxy's (``keyproxy.leak_forms``), matched regardless of case
+
+@functools.lru_cache(maxsize=64)
+def _redactor(secrets_: frozenset[str]) -> Callable[[str], str]:
+    """The forms are the key proxy's (``keyproxy.leak_forms``), matched regardless of case
     (hex and percent-escapes are written in either, or mixed), plus JSON text in which
     any character may be spelled ``\\u00XX`` (or ``\\/``, ``\\"``, ``\\\\``), plus any run
     of :data:`PIECE` characters of a secret or its hex form (cut-off reprs).
     """
     from pytest_agentbox.inside.keyproxy import leak_forms
 
-    plain = sorted({s for s in secrets_ if s and len(s) >= 8})
+    plain = sorted(secrets_)
     forms = set(plain)
     forms |= {f.decode() for s in plain if s.isascii() for f in leak_forms(s.encode())}
     values = sorted({f for f in forms if len(f) >= 8}, key=len, reverse=True)
@@ -126,8 +132,9 @@ def redact_report(report: Any, hidden: list[str]) -> None:
         report.longrepr = (longrepr[0], longrepr[1], redact(str(longrepr[2])))
     elif longrepr is not None:
         text = str(longrepr)
-        if redact(text) != text:  # only then: the original keeps its structure for xdist
-            report.longrepr = redact(text)
+        clean = redact(text)
+        if clean != text:  # only then: the original keeps its structure for xdist
+            report.longrepr = clean
     if isinstance(getattr(report, "wasxfail", None), str):
         report.wasxfail = redact(report.wasxfail)
     report.user_properties = [

@@ -461,8 +461,15 @@ def loader_unset(client: Any, image: str) -> dict[str, str | None]:
     or an exec's environment, the engine leaves them out (an entry without ``=``)."""
     from pytest_agentbox.inside.runner import is_loader_variable
 
-    env = client.images.get(image).attrs.get("Config", {}).get("Env") or []
-    return {n: None for n in (v.split("=", 1)[0] for v in env) if is_loader_variable(n)}
+    key = (engine_key(client), image)
+    if key not in _LOADER_UNSET:  # once per engine and image, like ensure_image's check
+        env = client.images.get(image).attrs.get("Config", {}).get("Env") or []
+        names = (v.split("=", 1)[0] for v in env)
+        _LOADER_UNSET[key] = {n: None for n in names if is_loader_variable(n)}
+    return dict(_LOADER_UNSET[key])
+
+
+_LOADER_UNSET: dict[tuple[str, str], dict[str, str | None]] = {}
 
 
 def copy_image(
