@@ -170,7 +170,7 @@ def upstream_nodelay(upstream: FakeUpstream) -> None:
     ~40 ms per fresh connection, which would swamp what the benchmarks measure. The
     patched copy lives only in this container; the product file is untouched.
     """
-    from pytest_agentbox.backends.docker import engine
+    from pytest_agentbox.backends import tools
     from pytest_agentbox.backends.docker import fakeupstream as fu
 
     path = Path(fu.__file__).parent / "upstream_server.py"
@@ -180,7 +180,7 @@ def upstream_nodelay(upstream: FakeUpstream) -> None:
         raise RuntimeError("upstream_server.py changed; update upstream_nodelay()")
     patched = source.replace(anchor, anchor + f"        self.request.setsockopt({_NODELAY})\n")
     name = f"{fu._DIR.lstrip('/')}/upstream_server.py"
-    upstream.container.put_archive("/", engine.tar_bytes([(name, patched.encode(), 0o644)]))
+    upstream.container.put_archive("/", tools.tar_bytes([(name, patched.encode(), 0o644)]))
     upstream.container.restart(timeout=1)
     upstream._wait_healthy()
 

@@ -427,7 +427,9 @@ class Sandbox:
         owner = cfg.owner()
         routes, agent_allow = self._routes(), self._agent_allow()
         if routes or agent_allow:
-            self.backend.ensure_image(cfg.sidecar_image, what="sidecar image")
+            self.backend.ensure_image(
+                cfg.sidecar_image, what="sidecar image", option="sidecar-image"
+            )
             self.volume = self.backend.create_volume(
                 paths.unique_name("egress"), owner.labels("egress")
             )

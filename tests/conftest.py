@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from pytest_agentbox import paths
+from pytest_agentbox.backends.base import ExecOutput
 from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.backends.docker.box import DockerBackend
 from pytest_agentbox.errors import DockerUnavailable, HardeningError, ImageMissing
@@ -104,7 +105,7 @@ def random_key() -> str:
     return "sk-test-" + secrets.token_hex(20)
 
 
-def as_root(sb: Sandbox, cmd: list[str], stdin: bytes | None = None) -> engine.ExecOutput:
+def as_root(sb: Sandbox, cmd: list[str], stdin: bytes | None = None) -> ExecOutput:
     """Root in a sandbox's container, straight through the engine: the test's own look
     (or an attacker's, who has root there) -- never something the package does itself
     once user code has run."""

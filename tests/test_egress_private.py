@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from pytest_agentbox import paths
+from pytest_agentbox.backends import tools
 from pytest_agentbox.backends.docker import engine, networks
 
 DECOY_NAME = "decoy.private.example.test"
@@ -81,7 +82,7 @@ def private_net(docker_client: Any, base_image: str) -> Iterator[dict[str, Any]]
 
 def start_proxy(client: Any, image: str, env: dict[str, Any], cfg: dict[str, Any]) -> Any:
     """``egressproxy.py serve`` in a container on the private network, config on stdin."""
-    argv, source = engine.tool_command("egressproxy.py", "serve")
+    argv, source = tools.tool_command("egressproxy.py", "serve")
     extra_hosts = {HOSTGW_NAME: env["gateway"]} if env["gateway"] else {}
     container = client.containers.create(
         image, command=argv, name=paths.unique_name("egress-test"), labels=env["labels"],

@@ -281,8 +281,11 @@ class Backend(Protocol):
         """The engine's URL: what per-engine caches are keyed by."""
         ...
 
-    def ensure_image(self, image: str, *, what: str = "sandbox image") -> None:
-        """ImageMissing (saying what to do, naming ``what``) when ``image`` is not there."""
+    def ensure_image(
+        self, image: str, *, what: str = "sandbox image", option: str = "image"
+    ) -> None:
+        """ImageMissing when ``image`` is not there: the message names ``what`` it is and
+        the agentbox ``option`` that chooses another."""
         ...
 
     def read_image_tar(

@@ -1,7 +1,7 @@
 """Files that run inside containers: stdlib-only, each one file, each auditable alone.
 
 They are sent to a container's own ``python3 -I -S`` (see
-:func:`pytest_agentbox.backends.docker.engine.tool_command`), so none may import anything
+:func:`pytest_agentbox.backends.tools.tool_command`), so none may import anything
 but the standard library, and they must run on any Python 3 an image ships:
 
 - :mod:`.hardening`: the root step that runs before any user code (sudo/su gone,

@@ -2,7 +2,7 @@
 
 This file is stdlib-only on purpose: the host runs it inside the sandbox as root, its
 source and then one JSON line of options given on stdin (see
-:func:`pytest_agentbox.backends.docker.engine.tool_command`). It prints one JSON line
+:func:`pytest_agentbox.backends.tools.tool_command`). It prints one JSON line
 describing what it did. The host side (:func:`check`) turns that into pass, warning or a fail-closed
 :class:`~pytest_agentbox.errors.HardeningError`.
 

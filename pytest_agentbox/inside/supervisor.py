@@ -1,7 +1,7 @@
 """The sidecar's main process: starts the egress and key proxies, lives as long as its owner.
 
 Stdlib only: it runs in the sidecar container (the sandbox's image, which we do not
-control), started with its source on stdin (see ``engine.tool_command``), then one JSON
+control), started with its source on stdin (see ``tools.tool_command``), then one JSON
 line::
 
     {"boot": BOOT, "sources": {"egressproxy.py": ..., "keyproxy.py": ...},

@@ -227,8 +227,10 @@ class DockerBackend:
 
     # ---- images and boxes ------------------------------------------------------
 
-    def ensure_image(self, image: str, *, what: str = "sandbox image") -> None:
-        engine.ensure_image(self.client, image, what=what)
+    def ensure_image(
+        self, image: str, *, what: str = "sandbox image", option: str = "image"
+    ) -> None:
+        engine.ensure_image(self.client, image, what=what, option=option)
 
     def read_image_tar(
         self, image: str, path: str, *, limit: int, labels: Mapping[str, str]

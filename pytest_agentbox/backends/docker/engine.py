@@ -24,17 +24,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_agentbox.backends.base import DEFAULT_IMAGE, MAX_OUTPUT, ExecOutput  # noqa: F401
+from pytest_agentbox.backends.base import MAX_OUTPUT, ExecOutput
 from pytest_agentbox.backends.base import read_ready as _read_ready
-from pytest_agentbox.backends.tools import (  # noqa: F401  (this module's names before the seam)
-    BOOT,
-    INSIDE_DIR,
-    SYSTEM_DIRS,
-    tar_bytes,
-    tar_directory,
-    tool_command,
-    tool_source,
-)
 from pytest_agentbox.errors import AgentboxError, DockerUnavailable, ImageMissing
 
 LOCAL_SOCKET = "unix:///var/run/docker.sock"
@@ -434,8 +425,11 @@ def _client_class() -> Any:
     return EngineClient
 
 
-def ensure_image(client: Any, image: str, *, what: str = "sandbox image") -> None:
-    """Fail with a clear message when ``image`` is not on the engine (once per engine)."""
+def ensure_image(
+    client: Any, image: str, *, what: str = "sandbox image", option: str = "image"
+) -> None:
+    """Fail with a clear message, naming ``what`` the image is for and the agentbox
+    ``option`` that picks another, when ``image`` is not on the engine (once per engine)."""
     key = engine_key(client)
     if image in _images_seen.get(key, ()):
         return
@@ -446,7 +440,6 @@ def ensure_image(client: Any, image: str, *, what: str = "sandbox image") -> Non
     except ImageNotFound:
         spec = engine_of(client)
         where = "this Docker engine" if spec.from_environment else f"the engine {spec.text}"
-        option = "sidecar-image" if what == "sidecar image" else "image"
         raise ImageMissing(
             f"{what} {image!r} is not on {where}. Build the default one with "
             f"`agentbox image build{_engine_arg(spec)}` (or copy it from an engine that has "

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pytest_agentbox import paths
+from pytest_agentbox.backends import tools
 from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.errors import AgentboxError
 
@@ -83,7 +84,7 @@ class FakeUpstream:
     def _create_container(self, labels: dict[str, str]) -> None:
         cert = self._ca.issue_cert(*self.domains)
         files = [
-            ("upstream_server.py", engine.tool_source("upstream_server.py")),
+            ("upstream_server.py", tools.tool_source("upstream_server.py")),
             ("cert.pem", cert.cert_chain_pems[0].bytes()),
             ("key.pem", cert.private_key_pem.bytes()),
             ("rules.json", b"[]"),
@@ -107,7 +108,7 @@ class FakeUpstream:
             mem_limit="256m",
             detach=True,
         )
-        tar = engine.tar_bytes(
+        tar = tools.tar_bytes(
             [(f"{prefix}/{name}", data, 0o644) for name, data in files], dirs=[(prefix, 0o755)]
         )
         self.container.put_archive("/", tar)
@@ -133,7 +134,7 @@ class FakeUpstream:
         """Replace the response rules (first match wins; see upstream_server.py)."""
         data = json.dumps(list(rules)).encode()
         prefix = _DIR.lstrip("/")
-        self.container.put_archive("/", engine.tar_bytes([(f"{prefix}/rules.json", data, 0o644)]))
+        self.container.put_archive("/", tools.tar_bytes([(f"{prefix}/rules.json", data, 0o644)]))
 
     def reply(
         self,
