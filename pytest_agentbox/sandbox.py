@@ -531,8 +531,14 @@ class Sandbox:
         argv, source = tools.tool_command("hardening.py")
         report = self._root_json(argv, stdin=source + json.dumps(opts).encode() + b"\n")
         self.hardening = report
+        info = self.backend.info()
+        runtime = self.config.runtime or info.default_runtime
         self.warnings += hardening.check(
-            report, keys_in_use=bool(self.config.key_routes), image=self.config.image
+            report,
+            keys_in_use=bool(self.config.key_routes),
+            image=self.config.image,
+            gvisor=runtime in info.gvisor_runtimes,
+            root_in_memory=runtime in info.memory_root_runtimes,
         )
         self.user = report["user"]
         self.home = self.user["home"]

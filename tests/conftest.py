@@ -162,21 +162,15 @@ def start_holding_run(path: Path, image: str, run_id: str) -> subprocess.Popen[s
 
 # The conformance suite (tests/conformance.txt) also runs with --agentbox-runtime=runsc
 # (scripts/dev test). Where gVisor cannot give a guarantee, the sandbox must fail closed
-# with the reason; these are the reasons seen with Debian's runsc (2022-12), the first two
-# also proven on their own in tests/test_runsc.py. A test whose sandbox failed closed for
-# one of them (raised, or reported by the plugin's fixtures, or met where the test
-# expected another error) is reported xfailed with it; any other error, and fail-closed
-# for any other reason, stay failures. Under runc nothing is converted.
+# with the reason. With Debian's runsc (2022-12) registered as scripts/engine2 does, one
+# reason stops every sandbox before anything else (proven on its own in
+# tests/test_runsc.py). A test whose sandbox failed closed for it (raised, or reported by the
+# plugin's fixtures, or met where the test expected another error) is reported xfailed
+# with it; any other error, and fail-closed for any other reason, stay failures.
+# Under runc nothing is converted.
 RUNSC_FAILS_CLOSED = {
-    "the root file system cannot be remounted read-only (storage cap)": (
-        "sandbox hardening failed closed: the root file system could not be made read-only"
-    ),
-    "/proc cannot be remounted with hidepid=2 (keys)": (
-        "sandbox hardening failed closed: /proc could not be remounted with hidepid=2"
-    ),
-    "the image's VOLUME directories cannot be remounted read-only (storage cap)": (
-        "sandbox hardening failed closed: the image's VOLUME directories could not be made "
-        "read-only"
+    "no child subreaper, so run(timeout=) could not end setsid'ed processes": (
+        "sandbox hardening failed closed: this kernel refuses PR_SET_CHILD_SUBREAPER"
     ),
 }
 # Tests that do not end under runsc: skipped there with the reason, run everywhere else.

@@ -85,7 +85,7 @@ def test_an_image_volume_is_read_only_and_the_host_disk_untouched(
 
 def test_a_volume_left_writable_fails_closed() -> None:
     base = {"user": {"name": "agent", "uid": 1000, "home": "/home/agent"},
-            "runner_python": "p", "hidepid": True}  # fmt: skip
+            "runner_python": "p", "hidepid": True, "subreaper": True}  # fmt: skip
     storage = {"home": "/home/agent", "root_readonly": True, "volumes_writable": {}}
     assert hardening.check({**base, "storage": storage}, keys_in_use=False) == []
     bad = {**storage, "volumes_writable": {"/data": "permission denied"}}

@@ -2,8 +2,8 @@
 
 ``scripts/engine2 start`` registers Debian's runsc on the second engine; run the suite
 against it (``eval "$(scripts/engine2 env)"``) and these run, on any other engine they
-are skipped with that hint. What is proven here is what holds under runsc today; the
-probe findings for the rest are in issue 12.
+are skipped with that hint. What is proven here is what holds under runsc today, and
+that every sandbox fails closed there, with its reason, before any user code runs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from conftest import ours
 
 from pytest_agentbox.errors import HardeningError
 from pytest_agentbox.policy.manifest import KeyRoute
+from pytest_agentbox.sandbox import Sandbox, SandboxConfig
 
 RUNTIME = "runsc"
 
@@ -34,31 +35,37 @@ def runsc(docker_client: Any) -> str:
     return RUNTIME
 
 
-def test_under_runsc_the_storage_cap_fails_closed_for_want_of_a_read_only_root(
-    make_sandbox: Any, docker_client: Any, runsc: str
+def test_under_runsc_every_sandbox_fails_closed_for_want_of_a_child_subreaper(
+    backend: Any, base_image: str, docker_client: Any, runsc: str
 ) -> None:
-    # The storage cap needs the root file system remounted read-only after hardening;
-    # gVisor's runsc (Debian, 2022-12) refuses that remount. Without it the agent could
-    # write past its cap onto the host's disk, so the sandbox must not start: it fails
-    # closed with the reason, and nothing is left on the engine.
-    run_id = secrets.token_hex(8)
-    with pytest.raises(HardeningError, match=r"failed closed.*could not be made read-only"):
-        make_sandbox(runtime=runsc, run_id=run_id)
+    # run(timeout=) ends a command's setsid grandchildren because the runner is their
+    # subreaper; gVisor refuses PR_SET_CHILD_SUBREAPER (EINVAL), so they would reparent
+    # to init and outlive every timeout. The root step finds that first and stops there
+    # (no scan, nothing changed); the sandbox fails closed with the reason, before any
+    # user code, and nothing is left on the engine.
+    run_id, seen = secrets.token_hex(8), []
+    config = SandboxConfig(image=base_image, runtime=runsc, run_id=run_id)
+    with pytest.raises(HardeningError, match=r"failed closed.*PR_SET_CHILD_SUBREAPER.*gVisor"):
+        Sandbox.create(config, backend, on_created=seen.append)
+    report = seen[0].hardening
+    assert report["gvisor"] is True and report["subreaper"] is False, report
+    assert "storage" not in report and "stripped" not in report, report
     assert ours(docker_client, run_id) == []
 
 
-def test_keys_under_runsc_fail_closed_for_want_of_hidepid(
+def test_keys_under_runsc_fail_closed_and_no_message_holds_the_key(
     make_sandbox: Any, docker_client: Any, runsc: str
 ) -> None:
-    # gVisor's /proc has no hidepid: with keys in use that must stop the sandbox, with
-    # the reason, the key in no message, and nothing left on the engine.
+    # With keys in use the sandbox stops the same way (gVisor's /proc has no hidepid
+    # either, which alone would stop a keyed sandbox): the key in no message, and
+    # nothing left on the engine, its sidecar included.
     key = "sk-test-" + secrets.token_hex(20)
     route = KeyRoute(
         provider="openai", env_var="OPENAI_API_KEY", base_url_env="OPENAI_BASE_URL",
         domain="api.openai.com", auth_style="bearer", base_path="/v1", required=True,
     )  # fmt: skip
     run_id = secrets.token_hex(8)
-    with pytest.raises(HardeningError, match=r"failed closed.*hidepid") as exc:
+    with pytest.raises(HardeningError, match=r"failed closed.*SUBREAPER") as exc:
         make_sandbox(runtime=runsc, key_routes=(route,), keys={"openai": key}, run_id=run_id)
     assert key not in str(exc.value)
     assert ours(docker_client, run_id) == []

@@ -73,7 +73,7 @@ def test_disk_is_validated_with_a_clear_error(resources: dict[str, Any], words: 
 
 def test_check_judges_the_storage_report() -> None:
     base = {"user": {"name": "agent", "uid": 1000, "home": "/home/agent"}, "runner_python": "p",
-            "hidepid": True}  # fmt: skip
+            "hidepid": True, "subreaper": True}  # fmt: skip
     ok = {"home": "/home/agent", "root_readonly": True}
     assert hardening.check({**base, "storage": ok}, keys_in_use=False) == []
     # Without keys a /proc lacking hidepid=2 only warns; the storage rules never bend.

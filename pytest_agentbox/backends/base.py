@@ -115,11 +115,21 @@ class BoxState:
 @dataclass(frozen=True)
 class BackendInfo:
     """What a backend's engine offers: its whole memory (0: unknown), its runtimes, and
-    why (or whether) it can cap a box's own writable layer."""
+    why (or whether) it can cap a box's own writable layer.
+
+    ``default_runtime``: the one a box gets when its spec names none.
+    ``gvisor_runtimes``: the runtimes that are gVisor. ``memory_root_runtimes``: those
+    that keep a box's root file system in memory, charged to the box's memory limit
+    (gVisor's ``--overlay2=root:memory``), so a root left writable cannot reach the
+    host's disk.
+    """
 
     memory_total: int
     runtimes: tuple[str, ...]
     storage_quota: str
+    gvisor_runtimes: tuple[str, ...] = ()
+    memory_root_runtimes: tuple[str, ...] = ()
+    default_runtime: str = ""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ describing what it did. The host side (:func:`check`) turns that into pass, warn
 :class:`~pytest_agentbox.errors.HardeningError`.
 
 Steps, in order:
+0. probe that a process may become a child subreaper (every runner is one); where it
+   cannot (gVisor), stop here: the host refuses the sandbox;
 1. make sure the unprivileged user exists (create it when the image lacks one), make the
    root-only 0700 tools directory (unpredictable name) holding the key proxy's and the
    egress forwarder's sources, and the agent's app directory;
@@ -157,9 +159,96 @@ def _remount_read_only(where: str, extra: str = "") -> str:
 
 
 def _read_only_root() -> dict:
-    """Remount ``/`` read-only, last: from then on the agent writes only where capped."""
+    """Remount ``/`` read-only, last: from then on the agent writes only where capped.
+
+    Where that is refused, what ``/`` is (file system type) and whether the kernel is
+    gVisor's (its own boot line): the host accepts a writable root only as gVisor's
+    in-memory overlay on a runtime it knows keeps the root in memory.
+    """
     error = _remount_read_only("/")
-    return {"root_readonly": not error, "root_readonly_error": error}
+    out = {"root_readonly": not error, "root_readonly_error": error}
+    if error:
+        fstype = ""
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) > 2 and parts[1] == "/":
+                    fstype = parts[2]  # the last one is the mount on top
+        out["root_fs"] = fstype
+    return out
+
+
+def _close_root_writes(user: dict, skip: list) -> dict:
+    """Where ``/`` stays writable (gVisor's in-memory root): nothing on it for the agent.
+
+    World-writable files and directories (``/var/tmp`` and the like) lose that bit, read
+    back; what the agent's own uid or gid may write is reported for the host to refuse.
+    The agent's writes then land only in its capped home and ``/tmp`` and the engine's
+    64m ``/dev/shm``, as under a read-only root: a full place answers "no space left",
+    it never grows the sandbox's memory until the kernel kills it.
+    """
+    find = _program("find")
+    if not find:
+        return {"root_agent_writable": ["(no find program to check the root file system)"]}
+    uid, gid = str(user["uid"]), str(user["gid"])
+    prune = []
+    for where in skip:
+        prune += ["-path", where, "-prune", "-o"]
+    test = ["(", "-perm", "-0002", "-o", "-user", uid]
+    test += ["-o", "(", "-group", gid, "-perm", "-0020", ")", ")"]
+    out = subprocess.run(
+        [find, "/", "-xdev", *prune, "!", "-type", "l", *test, "-print0"], capture_output=True
+    ).stdout
+    left, closed = [], []
+    for raw in out.split(b"\0"):
+        path = raw.decode("utf-8", "surrogateescape")
+        if not path:
+            continue
+        try:
+            st = os.lstat(path)
+            if st.st_mode & 0o002:
+                os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o002)
+                closed.append(path)
+                st = os.lstat(path)
+            own = st.st_uid == user["uid"] or (st.st_gid == user["gid"] and st.st_mode & 0o020)
+            if st.st_mode & 0o002 or own:
+                left.append(path)
+        except OSError:
+            continue  # gone: nothing left to write to
+    return {"root_agent_writable": left, "root_closed": closed}
+
+
+def _subreaper() -> dict:
+    """Whether a process here can become a child subreaper, as every runner must.
+
+    A command's ``setsid`` grandchildren reparent to the runner only through it; without
+    it they go to init, out of reach of ``run(timeout=)`` (gVisor refuses it: EINVAL).
+    Probed on this process (it exits soon), read back with PR_GET_CHILD_SUBREAPER.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+            return {"subreaper": False, "subreaper_error": os.strerror(ctypes.get_errno())}
+        flag = ctypes.c_int(0)
+        libc.prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
+    except (ImportError, OSError, AttributeError) as exc:
+        return {"subreaper": False, "subreaper_error": f"no usable ctypes/libc ({exc})"}
+    ok = flag.value == 1
+    return {"subreaper": ok, "subreaper_error": "" if ok else "set, but reads back unset"}
+
+
+def _gvisor() -> bool:
+    """Whether this kernel is gVisor's: its log starts with its own boot line."""
+    dmesg = _program("dmesg")
+    if not dmesg:
+        return False
+    try:
+        log = subprocess.run([dmesg], capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return b"Starting gVisor" in log[:4096]
 
 
 def _read_only_volumes(volumes: list) -> dict:
@@ -348,6 +437,13 @@ def _install_ca(ca: dict) -> dict:
 def main() -> int:
     opts = json.loads(sys.stdin.readline())  # after this file's own source, see the docstring
     result = {"user": _ensure_user(opts["user"], int(opts["uid"]))}
+    result["gvisor"] = _gvisor()
+    result.update(_subreaper())
+    if not result["subreaper"]:
+        # The host refuses this sandbox whatever else holds: no scan (under gVisor one
+        # walk of / takes seconds), nothing changed.
+        print(json.dumps(result))
+        return 0
     storage = dict(opts.get("storage") or {})
     if storage.get("home") and storage["home"] == result["user"]["home"]:
         storage.update(_seed_home(storage["home"], storage.pop("seed", ""), result["user"]))
@@ -366,6 +462,9 @@ def main() -> int:
     if storage:
         storage.update(_read_only_volumes(list(opts.get("volumes") or [])))
         storage.update(_read_only_root())
+        if not storage["root_readonly"] and result["gvisor"]:
+            home, skip = storage.get("home") or "", [opts["tools_dir"], "/tmp"]
+            storage.update(_close_root_writes(result["user"], [*skip, home] if home else skip))
         result["storage"] = storage
     print(json.dumps(result))
     return 0
@@ -378,17 +477,46 @@ if __name__ == "__main__":
 # ---- host side -------------------------------------------------------------------
 
 
-def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
+def check(
+    result: dict,
+    *,
+    keys_in_use: bool,
+    image: str = "",
+    gvisor: bool = False,
+    root_in_memory: bool = False,
+) -> list[str]:
     """Judge the in-sandbox report; returns warnings, raises when the sandbox may not be used.
 
     Fail closed: a setuid/setgid file that could not be stripped always aborts; a
     ``/proc`` without ``hidepid=2`` aborts when keys are in use (the key proxy's process
     would be visible to the agent) and is only a warning otherwise. A root file system
     left writable, or a user whose home is not the capped home volume, always aborts:
-    the agent could otherwise write past its storage cap onto the host's disk.
+    the agent could otherwise write past its storage cap onto the host's disk. The one
+    writable root accepted is gVisor's in-memory overlay, and only when the host, too,
+    says the box's runtime keeps its root in memory (``root_in_memory``): its writes
+    are then charged to the sandbox's memory limit, never to the host's disk. The box's
+    word that it runs under gVisor counts only where the host's runtime is gVisor.
     """
     from pytest_agentbox.errors import HardeningError
 
+    if result.get("gvisor") and not gvisor:
+        raise HardeningError(
+            f"image {image!r}: the root setup step found a gVisor kernel log, but the engine "
+            "does not run this box under gVisor (runsc). Something in the image fakes it "
+            "(its dmesg); use an image that does not."
+        )
+
+    if not result.get("subreaper"):
+        raise HardeningError(
+            "sandbox hardening failed closed: this kernel refuses PR_SET_CHILD_SUBREAPER "
+            f"({result.get('subreaper_error') or 'unknown reason'}), so run(timeout=) could "
+            "not end the processes a command moves into a session of their own (setsid)."
+            + (
+                " gVisor (runsc) lacks it; run such tests under runc."
+                if result.get("gvisor")
+                else ""
+            )
+        )
     user = result.get("user") or {}
     if user.get("uid") == 0:
         raise HardeningError(
@@ -441,6 +569,12 @@ def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
                 f"({why}) and this sandbox would hold API keys, so it was not created. The "
                 "sandbox needs CAP_SYS_ADMIN for its root setup step and an engine that "
                 "allows the remount (no AppArmor profile denying mount)."
+                + (
+                    " gVisor's /proc has no hidepid: a sandbox with keys cannot run under "
+                    "gVisor (use runc for tests that declare keys)."
+                    if result.get("gvisor")
+                    else ""
+                )
             )
         warnings.append(
             f"/proc is not mounted with hidepid=2 ({why}); no keys are in use, continuing"
@@ -463,12 +597,36 @@ def check(result: dict, *, keys_in_use: bool, image: str = "") -> list[str]:
                 "cap onto the host's disk. Remove the VOLUME lines from the image, or give "
                 "the sandbox CAP_SYS_ADMIN for its root setup step (the default)."
             )
-        if not storage.get("root_readonly"):
+        if not storage.get("root_readonly") and _memory_root(result, root_in_memory):
+            storage["mode"] = "tmpfs volumes, gVisor in-memory root closed to the agent"
+        elif not storage.get("root_readonly") and storage.get("root_agent_writable"):
+            raise HardeningError(
+                "sandbox hardening failed closed: under gVisor the root file system stays "
+                "writable (in memory), and the sandbox user could write there: "
+                f"{', '.join(storage['root_agent_writable'][:10])}. Use an image that gives "
+                "the sandbox user nothing outside its home, or runc."
+            )
+        elif not storage.get("root_readonly"):
+            hint = (
+                " Under gVisor, register runsc with --overlay2=root:memory (scripts/engine2 "
+                "does) so that the root lives in the sandbox's memory."
+                if result.get("gvisor")
+                else ""
+            )
             raise HardeningError(
                 "sandbox hardening failed closed: the root file system could not be made "
                 f"read-only ({storage.get('root_readonly_error') or 'unknown reason'}), so "
                 "the agent could write past its storage cap onto the host's disk. The "
                 "sandbox needs CAP_SYS_ADMIN for its root setup step and an engine that "
-                "allows the remount (no AppArmor profile denying mount)."
+                "allows the remount (no AppArmor profile denying mount)." + hint
             )
     return warnings
+
+
+def _memory_root(result: dict, root_in_memory: bool) -> bool:
+    """A writable ``/`` that cannot reach the host's disk (both sides say so), and in
+    which the agent can write nothing."""
+    storage = result.get("storage") or {}
+    on_top = storage.get("root_fs")
+    closed = storage.get("root_agent_writable") == []
+    return root_in_memory and bool(result.get("gvisor")) and on_top == "overlay" and closed

@@ -135,7 +135,12 @@ def run(limit, argv):
     import ctypes  # here, not at the top: without it install() must fail first (exit 126)
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        # The root step probes this; here again, so no command runs with a timeout that
+        # its setsid grandchildren could outlive.
+        why = os.strerror(ctypes.get_errno())
+        sys.stderr.write(f"agentbox: cannot become the command's subreaper ({why}); no run\n")
+        return 126
     try:
         proc = subprocess.Popen(argv, start_new_session=True, env=child_env(os.environ))
     except (FileNotFoundError, NotADirectoryError):

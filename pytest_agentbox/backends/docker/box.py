@@ -293,6 +293,9 @@ class DockerBackend:
             memory_total=int(found.get("MemTotal") or 0),
             runtimes=tuple(sorted(found.get("Runtimes") or {})),
             storage_quota=engine.storage_quota(self.client),
+            gvisor_runtimes=engine.gvisor_runtimes(found),
+            memory_root_runtimes=engine.memory_root_runtimes(found),
+            default_runtime=str(found.get("DefaultRuntime") or ""),
         )
 
     def check_network(self, name: str) -> None:

@@ -536,6 +536,40 @@ def storage_quota(client: Any) -> str:
     return f"none ({driver or 'unknown driver'} on {backing or 'unknown file system'})"
 
 
+def gvisor_runtimes(info: Mapping[str, Any]) -> tuple[str, ...]:
+    """The runtimes of ``docker info`` whose program is gVisor's ``runsc``."""
+    runtimes = (info.get("Runtimes") or {}).items()
+    return tuple(n for n, r in sorted(runtimes) if str((r or {}).get("path", "")).endswith("runsc"))
+
+
+def memory_root_runtimes(info: Mapping[str, Any]) -> tuple[str, ...]:
+    """The runtimes of ``docker info`` that keep a container's root in memory.
+
+    gVisor's ``--overlay2=root:memory`` (or ``all:memory``, or the older ``--overlay``)
+    puts the root file system's writes in the sandbox's own memory, charged to its
+    memory limit. A directory medium (``root:/path``) writes to the host's disk: not one.
+    """
+    found = []
+    for name, runtime in sorted((info.get("Runtimes") or {}).items()):
+        if name not in gvisor_runtimes(info):
+            continue
+        args = [str(a) for a in (runtime or {}).get("runtimeArgs") or []]
+        medium, i = "", 0
+        while i < len(args):  # as runsc's flag parser reads them: the last one wins
+            key, eq, value = args[i].lstrip("-").partition("=")
+            if key == "overlay2" and not eq and i + 1 < len(args):
+                i += 1
+                value = args[i]
+            if key == "overlay":  # a boolean flag
+                medium = "all:memory" if value in ("", "true", "1") else "none"
+            elif key == "overlay2":
+                medium = value
+            i += 1
+        if medium in ("root:memory", "all:memory"):
+            found.append(name)
+    return tuple(found)
+
+
 def _frames(sock: Any) -> Iterator[tuple[int, bytes]]:
     """Demultiplex docker's attach stream (8-byte header: stream id, size) from a raw socket."""
     buf = b""
