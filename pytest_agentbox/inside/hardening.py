@@ -168,14 +168,19 @@ def _read_only_root() -> dict:
     error = _remount_read_only("/")
     out = {"root_readonly": not error, "root_readonly_error": error}
     if error:
-        fstype = ""
-        with open("/proc/mounts", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                parts = line.split()
-                if len(parts) > 2 and parts[1] == "/":
-                    fstype = parts[2]  # the last one is the mount on top
-        out["root_fs"] = fstype
+        out["root_fs"] = _mount_on_top("/")[0]
     return out
+
+
+def _mount_on_top(where: str) -> tuple[str, str]:
+    """(file system type, options) of the mount on top at ``where``; ("", "") if none."""
+    found = ("", "")
+    with open("/proc/mounts", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) > 3 and parts[1] == where:
+                found = (parts[2], parts[3])  # a later line is mounted over an earlier
+    return found
 
 
 def _close_root_writes(user: dict, skip: list) -> dict:
@@ -353,10 +358,9 @@ def _hidepid() -> dict:
         error = proc.stderr.decode("utf-8", "replace").strip()
     except OSError as exc:  # no mount binary in this image
         error = f"no mount program ({exc})"
-    with open("/proc/mounts", encoding="utf-8") as fh:
-        opts = [line.split()[3] for line in fh if line.split()[1:2] == ["/proc"]]
+    opts = _mount_on_top("/proc")[1]
     # The kernel reports hidepid=2 as "invisible" since 5.8.
-    ok = bool(opts) and any(o in ("hidepid=2", "hidepid=invisible") for o in opts[-1].split(","))
+    ok = any(o in ("hidepid=2", "hidepid=invisible") for o in opts.split(","))
     return {"hidepid": ok, "hidepid_error": "" if ok else (error or "not applied")}
 
 
@@ -597,16 +601,14 @@ def check(
                 "cap onto the host's disk. Remove the VOLUME lines from the image, or give "
                 "the sandbox CAP_SYS_ADMIN for its root setup step (the default)."
             )
-        if not storage.get("root_readonly") and _memory_root(result, root_in_memory):
-            storage["mode"] = "tmpfs volumes, gVisor in-memory root closed to the agent"
-        elif not storage.get("root_readonly") and storage.get("root_agent_writable"):
-            raise HardeningError(
-                "sandbox hardening failed closed: under gVisor the root file system stays "
-                "writable (in memory), and the sandbox user could write there: "
-                f"{', '.join(storage['root_agent_writable'][:10])}. Use an image that gives "
-                "the sandbox user nothing outside its home, or runc."
-            )
-        elif not storage.get("root_readonly"):
+        if not storage.get("root_readonly") and not _memory_root(result, root_in_memory):
+            if storage.get("root_agent_writable"):
+                raise HardeningError(
+                    "sandbox hardening failed closed: under gVisor the root file system stays "
+                    "writable (in memory), and the sandbox user could write there: "
+                    f"{', '.join(storage['root_agent_writable'][:10])}. Use an image that "
+                    "gives the sandbox user nothing outside its home, or runc."
+                )
             hint = (
                 " Under gVisor, register runsc with --overlay2=root:memory (scripts/engine2 "
                 "does) so that the root lives in the sandbox's memory."
@@ -620,6 +622,8 @@ def check(
                 "sandbox needs CAP_SYS_ADMIN for its root setup step and an engine that "
                 "allows the remount (no AppArmor profile denying mount)." + hint
             )
+        if not storage.get("root_readonly"):
+            storage["mode"] = "tmpfs volumes, gVisor in-memory root closed to the agent"
     return warnings
 
 

@@ -549,9 +549,9 @@ def memory_root_runtimes(info: Mapping[str, Any]) -> tuple[str, ...]:
     puts the root file system's writes in the sandbox's own memory, charged to its
     memory limit. A directory medium (``root:/path``) writes to the host's disk: not one.
     """
-    found = []
+    found, gvisor = [], gvisor_runtimes(info)
     for name, runtime in sorted((info.get("Runtimes") or {}).items()):
-        if name not in gvisor_runtimes(info):
+        if name not in gvisor:
             continue
         args = [str(a) for a in (runtime or {}).get("runtimeArgs") or []]
         medium, i = "", 0
