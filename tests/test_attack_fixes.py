@@ -268,7 +268,8 @@ def test_an_image_ld_preload_does_not_break_the_root_steps(
 
 def test_a_loader_variable_that_reached_a_root_step_is_named() -> None:
     result = {"user": {"name": "agent", "uid": 1000, "home": "/home/agent"},
-              "runner_python": "", "env_names": ["HOME", "LD_PRELOAD", "PATH"]}  # fmt: skip
+              "runner_python": "", "subreaper": True,
+              "env_names": ["HOME", "LD_PRELOAD", "PATH"]}  # fmt: skip
     with pytest.raises(HardeningError, match=r"loader variables \(LD_PRELOAD\) reached the root"):
         hardening.check(result, keys_in_use=False, image="x")
 
