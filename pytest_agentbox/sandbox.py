@@ -345,6 +345,9 @@ class Sandbox:
         # Copies whose streams keep their tails (HISTORY_BYTES in all); run() returns whole.
         self.history: deque[CommandResult] = deque(maxlen=HISTORY_LENGTH)
         self.proxy_ports: dict[str, int] = {}
+        # How the agent's 127.0.0.1 ports reach the sidecar: "handed over" (it accepts on
+        # them itself, no process of ours stays here) or "relayed (why)"; "" without one.
+        self.forwarding = ""
         self.state_report: str = ""
         self.logs: dict[str, str] = {}
         self._env: dict[str, str] = {}
@@ -726,24 +729,36 @@ class Sandbox:
         ports; it holds no secret (the keys stay in the sidecar).
         """
         assert self.sidecar is not None  # only called with one
-        socks = [{"name": "egress", "unix": f"{self._egress_dir}/egress.sock"}] if egress else []
+        side, mine = self.sidecar.socket_dir, self._egress_dir  # the volume, there and here
+
+        def here(path: str) -> str:
+            return path.replace(side, mine)
+
+        socks = [{"name": "egress:agent", "unix": f"{mine}/egress.sock"}] if egress else []
         for r in routes:
-            path = self.sidecar.key_socket(r["name"]).replace(
-                self.sidecar.socket_dir, self._egress_dir
-            )
-            socks.append({"name": "key:" + r["name"], "unix": path})
+            path = here(self.sidecar.key_socket(r["name"]))
+            socks.append({"name": "keys:" + r["name"], "unix": path})
+        cfg: dict[str, Any] = {"routes": socks}
+        if handoff := self.sidecar.handoff_socket():
+            cfg["handoff"] = here(handoff)
         cmd = [self._python, "-I", "-S", f"{self._tools_dir}/egressproxy.py", "forward"]
-        ready = self._root_daemon(cmd, {"routes": socks})
+        ready = self._root_daemon(cmd, cfg)
         if not ready.get("ready"):
             why = ready.get("error") or "no ready line"
             raise KeyProxyError(f"the sandbox's forwarder did not start: {why}")
+        # "ok": the sidecar accepts on these ports itself; else why the forwarder relays.
+        self.forwarding = (
+            "handed over"
+            if ready.get("handoff") == "ok"
+            else (f"relayed ({ready.get('handoff') or 'no handoff socket'})")
+        )
         ports = {str(k): int(v) for k, v in ready["ports"].items()}
         if egress:
-            url = f"http://127.0.0.1:{ports['egress']}"
+            url = f"http://127.0.0.1:{ports['egress:agent']}"
             for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
                 self._env[var] = url
             self._env["NO_PROXY"] = self._env["no_proxy"] = "127.0.0.1,localhost"
-        self.proxy_ports = {k[4:]: v for k, v in ports.items() if k.startswith("key:")}
+        self.proxy_ports = {k[5:]: v for k, v in ports.items() if k.startswith("keys:")}
         for r in self.config.key_routes:
             if r.provider in self.proxy_ports:
                 self._env[r.env_var] = self._token

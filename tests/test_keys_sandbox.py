@@ -70,23 +70,61 @@ def test_no_readable_place_in_the_sandbox_holds_the_key(keyed: Any) -> None:
     assert keyed.key not in json.dumps(inspect_box(keyed.container_id))
 
 
-def test_no_key_proxy_in_the_agents_container_and_root_daemons_invisible(keyed: Any) -> None:
+def test_no_key_proxy_and_no_root_daemon_in_the_agents_container(keyed: Any) -> None:
+    # The forwarder bound the 127.0.0.1 ports, handed them to the sidecar and exited:
+    # the sidecar accepts on them itself, and no process of ours stays in this container.
+    assert keyed.forwarding == "handed over"
     procs = as_root(keyed, ["/bin/sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
-    assert b"egressproxy.py forward" in procs.stdout  # the forwarder, holding no secret
-    assert b"keyproxy" not in procs.stdout  # the key proxy lives in the sidecar
+    assert b"/sbin/docker-init" in procs.stdout  # the read really listed processes
+    assert b"keyproxy" not in procs.stdout and b"egressproxy" not in procs.stdout
     tools = keyed.hardening["tools_dir"]
-    pid = as_root(keyed, ["pgrep", "-f", "egressproxy.py forward"]).stdout.split()[0].decode()
     r = keyed.run(
         f"cat {tools}/egressproxy.py; echo read=$?; ls {tools}; echo list=$?; "
-        f"ls /proc/{pid} >/dev/null 2>&1; echo visible=$?; "
-        f"kill -TERM {pid}; echo kill=$?; ps -eo user= | sort -u"
+        "ls /proc/1 >/dev/null 2>&1; echo visible=$?; kill -TERM 1; echo kill=$?; "
+        "ps -eo user= | sort -u"
     )
     assert "read=1" in r.stdout and "list=2" in r.stdout
     assert "visible=2" in r.stdout and "kill=1" in r.stdout
     mode = as_root(keyed, ["stat", "-c", "%a %U", tools])
     assert mode.stdout.split() == [b"700", b"root"]
     assert r.stdout.split()[-1] == keyed.user["name"]  # no process of root is listed
-    assert as_root(keyed, ["kill", "-0", pid]).exit_code == 0  # still serving
+
+
+# The agent's moves against the handed-over listeners: bind the same port (plain and with
+# SO_REUSEPORT/SO_REUSEADDR) to take its connections, or reach the handoff socket to pass
+# a listener of its own. Each must fail, and the port must still answer with the key
+# proxy afterwards.
+TAKE_PORT = r"""
+import os, socket
+port = int(os.environ["OPENAI_BASE_URL"].rsplit(":", 1)[1].split("/")[0])
+for opt in (None, socket.SO_REUSEADDR, socket.SO_REUSEPORT):
+    s = socket.socket()
+    if opt is not None:
+        s.setsockopt(socket.SOL_SOCKET, opt, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+        s.listen(1)
+        print("took", opt)
+    except OSError as exc:
+        print("refused", opt, exc.errno)
+"""
+
+
+def test_the_agent_cannot_take_a_handed_over_port(keyed: Any, fake_upstream: Any) -> None:
+    keyed.write_file("/tmp/take.py", TAKE_PORT)
+    r = keyed.run("python3 /tmp/take.py")
+    assert r.stdout.count("refused") == 3 and "took" not in r.stdout, r
+    # The handoff socket took one handover and is gone; the relay sockets are root's.
+    listing = keyed.run("ls -la /run/agentbox-egress-*/")
+    assert "key-openai.sock" in listing.stdout and "handoff" not in listing.stdout, listing
+    dial = keyed.run(
+        "python3 -c 'import glob, socket; s = socket.socket(socket.AF_UNIX); "
+        's.connect(glob.glob("/run/agentbox-egress-*/key-openai.sock")[0])\''
+    )
+    assert "PermissionError" in dial.stderr, dial
+    r = keyed.run('curl -sS -H "Authorization: Bearer $OPENAI_API_KEY" "$OPENAI_BASE_URL/models"')
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"ok": True}
+    assert header(fake_upstream.requests()[0], "authorization") == [f"Bearer {keyed.key}"]
 
 
 def test_upstream_gets_the_real_key_and_the_pinned_host(keyed: Any, fake_upstream: Any) -> None:

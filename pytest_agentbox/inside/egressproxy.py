@@ -1,7 +1,9 @@
 """Egress proxy of an agentbox sandbox: stdlib only, Python 3.9+, one file.
 
 ``serve`` (sidecar) is the sandbox's only way out; ``forward`` (root, in the sandbox,
-network "none") relays 127.0.0.1:PORT to serve's Unix socket. Both read one JSON config
+before user code) binds 127.0.0.1:PORT and hands the listener to the sidecar, which then
+accepts on it itself (``hand_over``/``adopt``); where that is refused, it relays each
+connection to serve's Unix socket. Both read one JSON config
 line on stdin and print one JSON ready line. Security properties of ``serve``:
 - Decided on the name before any DNS lookup or connection: IP literals in any form,
   non-FQDNs, unlisted ports, deny-listed and unlisted names get 403, never a connection.
@@ -458,9 +460,23 @@ def serve(cfg: dict) -> int:
         return 1
     for args in loops[1:]:
         threading.Thread(target=accept_loop, args=args, daemon=True).start()
+    if cfg.get("handoff_fd") is not None:
+        by_name = dict(zip(names, loops))
+        threading.Thread(target=adopt, args=(int(cfg["handoff_fd"]), by_name), daemon=True).start()
     print(json.dumps({"ready": True, "tcp_ports": ports}), flush=True)
     accept_loop(*loops[0])
     return 0
+
+
+def adopt(fd: int, loops: dict) -> None:
+    """Serve the listeners the supervisor passes over ``fd`` once (see ``forward``), each
+    with its own listener's rules, handler and cap."""
+    with socket.socket(fileno=fd) as pair:
+        msg, fds, _, _ = socket.recv_fds(pair, 65536, 16)
+    for name, got in zip(json.loads(msg), fds):
+        _, handler, cap, busy = loops[name]
+        args = (socket.socket(fileno=got), handler, cap, busy)
+        threading.Thread(target=accept_loop, args=args, daemon=True).start()
 
 
 def listen(cfg_addr: list | str, mode: int = 0o600) -> socket.socket:
@@ -488,6 +504,21 @@ def forward_one(unix_path: str, conn: socket.socket) -> None:
         relay(conn, up, [0, 0])
 
 
+def hand_over(path: str, names: list[str], socks: list) -> str:
+    """Pass the bound listeners to the sidecar's supervisor over SCM_RIGHTS: "ok", or why
+    not (then this process relays; gVisor's sockets, for one, cannot leave its kernel)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(30)
+            conn.connect(path)
+            socket.send_fds(conn, [json.dumps(names).encode()], [s.fileno() for s, _ in socks])
+            conn.shutdown(socket.SHUT_WR)
+            answer = json.loads(conn.recv(4096) or b"{}")
+        return "ok" if answer.get("ok") is True else str(answer.get("error") or "refused")[:200]
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:200]
+
+
 def main(argv: list[str]) -> int:
     """Entry point: ``egressproxy.py serve|forward`` with a JSON config line on stdin."""
     mode = argv[1] if len(argv) == 2 else ""
@@ -506,7 +537,11 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         print(json.dumps({"ready": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
         return 1
-    print(json.dumps({"ready": True, "ports": ports}), flush=True)
+    handed = hand_over(cfg["handoff"], [n for n, _ in routes], socks) if cfg.get("handoff") else ""
+    if handed == "ok":  # the sidecar accepts on our ports itself: no relay, no root process
+        print(json.dumps({"ready": True, "ports": ports, "handoff": "ok"}), flush=True)
+        return 0
+    print(json.dumps({"ready": True, "ports": ports, "handoff": handed}), flush=True)
     null = os.open(os.devnull, os.O_RDWR)  # the launcher may detach: never write to a closed pipe
     os.dup2(null, 1)
     os.dup2(null, 2)

@@ -20,7 +20,7 @@ Security properties:
 - The whole request is checked before the upstream is contacted; one request per agent
   connection (``Connection: close``), bytes after the body are never forwarded.
 - Upstream pinned per route, TLS verified (system CAs plus ``ca_pem``), via the egress
-  CONNECT proxy when configured. Hop-by-hop, Host, Cookie, Accept-Encoding and the
+  CONNECT proxy's Unix socket when configured. Hop-by-hop, Host, Cookie, Accept-Encoding and the
   agent's auth headers dropped; the key set in the route's style; identity asked for.
   Upstream connections are pooled (``pool_max`` 8 a route, 16 in all, ``pool_idle`` 15 s), reused
   only after an answer read to its exact end with no leak, cut or error, and only while
@@ -78,6 +78,7 @@ _TARGET = re.compile(rb"/(?!/)[\x21\x22\x24-\x7e]*|/")  # origin-form, no "#", n
 _VERSION = re.compile(rb"HTTP/[0-9](?:\.[0-9])?")
 _DIGITS = re.compile(rb"[0-9]+")
 _DOMAIN = re.compile(r"([a-z0-9-]{1,63}\.)+[a-z][a-z0-9-]{0,62}")  # a name, never an IP
+_PATH = re.compile(r"/[^\0]{1,106}")  # a Unix socket's path
 _BARE = re.compile(rb"(?<!\r)\n|\r[^\n]")
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # HTAB is the one control allowed
 _NOT_ALNUM = re.compile(rb"[^a-z0-9]")
@@ -96,7 +97,7 @@ _TEXT |= {505: "HTTP version not supported"}
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 LIMITS = {"request_timeout": (0.1, 3600), "pool_max": (0, 64), "pool_idle": (0.1, 300)}
 LIMITS |= {"max_active": (1, 4096), "max_connections": (1, 65536), "upstream_port": (1, 65535)}
-LIMITS |= {"log_max_bytes": (1024, 1 << 30)}
+LIMITS |= {"log_max_bytes": (1024, 1 << 30), "handoff_fd": (3, 1 << 20)}
 # What a pooled connection the upstream closed while idle fails with, before any answer.
 _STALE = (ConnectionError, http.client.BadStatusLine, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 if TYPE_CHECKING:  # aliases only for checkers: "int | None" fails at runtime on 3.9
@@ -258,7 +259,8 @@ class Proxy:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.token = str(cfg["token"]).encode()
         via, self.port = cfg.get("upstream_proxy"), int(cfg.get("upstream_port") or 443)
-        self.via = (str(via["host"]), int(via["port"])) if via else None
+        self.via = str(via["unix"]) if via else None
+        self.handoff_fd = cfg.get("handoff_fd")
         self.timeout = float(cfg.get("request_timeout") or TIMEOUT)
         self.max_active = int(cfg.get("max_active") or ACTIVE_MAX)
         self.max_conns = int(cfg.get("max_connections") or CONNS_MAX)
@@ -307,12 +309,16 @@ class Proxy:
         for sock, data in [(self.wake_r, None), *((s, r) for r, s in listeners)]:
             sock.setblocking(False)
             self.sel.register(sock, selectors.EVENT_READ, data)
+        if self.handoff_fd is not None:
+            self.sel.register(socket.socket(fileno=self.handoff_fd), selectors.EVENT_READ, "")
         paused, sweep = 0.0, 0.0
         while True:
             try:
                 for key, _ in self.sel.select(0.1):
                     if key.data is None:
                         self.take_back()
+                    elif key.data == "":
+                        self.adopt(key.fileobj, listeners)
                     elif isinstance(key.data, Conn):
                         self.readable(key.data)
                     elif not self.accept(key.fileobj, key.data) and not paused:  # no fds
@@ -358,6 +364,19 @@ class Proxy:
             if over >= 0:
                 self.refuse(c, 503)
         return True
+
+    def adopt(self, pair: Any, listeners: list) -> None:
+        """Accept, from now on, on the listeners the supervisor hands over (once): bound in
+        the agent's network namespace by its forwarder, one per route name."""
+        self.sel.unregister(pair)
+        with pair:
+            msg, fds, _, _ = socket.recv_fds(pair, 65536, 16)
+        routes = {r["name"]: r for r, _ in listeners}
+        for name, fd in zip(json.loads(msg), fds):
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            self.sel.register(sock, selectors.EVENT_READ, routes[name])
+            listeners.append((routes[name], sock))
 
     def readable(self, c: Conn) -> None:
         try:
@@ -521,11 +540,11 @@ class Proxy:
         closed, only an idempotent request is sent again (on a new one): else 502."""
         up = self.take(c.route)
         while True:
-            reused, host, port = up is not None, *(self.via or (c.route["domain"], self.port))
-            if up is None:
-                up = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.ctx)
-                if self.via:  # TLS still checks the certificate against the pinned domain
-                    up.set_tunnel(c.route["domain"], self.port)
+            reused = up is not None
+            if up is None:  # TLS checks the certificate against the pinned domain either way
+                kind = Tunnel if self.via else http.client.HTTPSConnection
+                up = kind(c.route["domain"], self.port, timeout=self.timeout, context=self.ctx)
+                up.via = self.via
             try:
                 self.forward(up, c.route, c.req, body)
                 sock, c.rec["reused"] = up.sock, reused  # getresponse may drop up.sock
@@ -625,6 +644,30 @@ class Proxy:
                     self.log_left = len(line)
                 if self.log_left >= len(line):
                     self.log_left -= os.write(self.log_fd, line.encode())
+
+
+class Tunnel(http.client.HTTPSConnection):
+    """HTTPS through the egress proxy's CONNECT on its Unix socket ``via`` (this box's own
+    file system: no TCP stack on that leg)."""
+
+    via = ""
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.via)
+            target = f"{self.host}:{self.port}"
+            sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            head, more = b"", b"-"  # the proxy sends nothing past its answer before our hello
+            while more and not head.endswith(b"\r\n\r\n") and len(head) < HEAD_MAX:
+                head += (more := sock.recv(4096))
+            if head.split(b" ", 2)[1:2] != [b"200"] or not head.endswith(b"\r\n\r\n"):
+                raise ConnectionError("the egress proxy refused the tunnel")
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
 
 
 def allowed_headers(resp: http.client.HTTPResponse, decoding: bool) -> list[tuple[str, str]]:
@@ -750,7 +793,7 @@ def load_config(line: str) -> dict[str, Any]:
             raise ConfigError(f"route {name}: domain must be a lowercase host name, not an IP")
         if not re.fullmatch(r"[\x21-\x7e]{8,8192}", key):
             raise ConfigError(f"route {name}: key must be 8 to 8192 visible ASCII characters")
-        if unix is not None and not re.fullmatch(r"/[^\0]{1,106}", str(unix)):
+        if unix is not None and not _PATH.fullmatch(str(unix)):
             raise ConfigError(f"route {name}: unix must be an absolute path under 108 bytes")
         try:
             header = auth_header(str(r.get("auth_style")))
@@ -760,10 +803,10 @@ def load_config(line: str) -> dict[str, Any]:
         r["header"] = header.encode()
         r["value"] = ("Bearer " + key if r["auth_style"] == "bearer" else key).encode()
     via = cfg.get("upstream_proxy")
-    if via is not None and not (isinstance(via, dict) and via.get("host") and via.get("port")):
-        raise ConfigError("upstream_proxy must be null or {host, port}")
-    for obj, name in [(cfg, n) for n in LIMITS] + ([(via, "port")] if via else []):
-        value, (low, high) = obj.get(name), LIMITS.get(name, (1, 65535))
+    if via is not None and not (isinstance(via, dict) and _PATH.fullmatch(str(via.get("unix")))):
+        raise ConfigError("upstream_proxy must be null or {unix: an absolute path}")
+    for name, (low, high) in LIMITS.items():
+        value = cfg.get(name)
         if value is not None and not (type(value) in (int, float) and low <= value <= high):
             raise ConfigError(f"{name} must be a number from {low} to {high}")
     return cfg

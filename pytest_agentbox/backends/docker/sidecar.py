@@ -24,6 +24,7 @@ from pytest_agentbox.errors import EgressError, KeyProxyError
 
 SOCKET_DIR = "/run/egress"
 DECISIONS_LOG = "/var/log/agentbox-egress.jsonl"
+KEYS_EGRESS_SOCKET = "/run/agentbox-keys-egress.sock"
 
 
 # Egress networks seen to exist, as (engine URL, name): checked once per engine, not
@@ -82,6 +83,10 @@ class Sidecar:
     def key_socket(self, provider: str) -> str:
         """The sidecar's Unix socket (a path on the shared volume) for one key route."""
         return str(self.ready["keys"]["sockets"][provider])
+
+    def handoff_socket(self) -> str | None:
+        """The supervisor's one-time socket for the forwarder's listeners (shared volume)."""
+        return self.ready.get("handoff")
 
     def decisions(self) -> str:
         """The egress decision log (see :func:`decisions`)."""
@@ -181,7 +186,8 @@ def _config(
                           "allow": list(agent_allow), "deny": deny})  # fmt: skip
     if routes:  # the key proxy's own way out: its pinned domains and nothing else
         domains = sorted({r["domain"] for r in routes})
-        listeners.append({"name": "keys", "tcp": ["127.0.0.1", 0], "allow": domains,
+        # On this box's own file system: no agent-side mount holds it, no TCP on this leg.
+        listeners.append({"name": "keys", "unix": KEYS_EGRESS_SOCKET, "allow": domains,
                           "deny": deny, "max_conns": 64})  # fmt: skip
     egress = {
         "listeners": listeners,
@@ -205,7 +211,8 @@ def _config(
         }
     needed = ("egressproxy.py", "keyproxy.py") if routes else ("egressproxy.py",)
     sources = {n: tools.tool_source(n).decode() for n in needed}
-    return {"boot": tools.BOOT, "sources": sources, "egress": egress, "keys": keys}
+    return {"boot": tools.BOOT, "sources": sources, "egress": egress, "keys": keys,
+            "handoff": f"{SOCKET_DIR}/handoff.sock"}  # fmt: skip
 
 
 def decisions(sidecar: Sidecar) -> str:
