@@ -60,6 +60,9 @@ from pytest_agentbox.policy.manifest import KeyRoute, Resources, format_size
 from pytest_agentbox.policy.values import MAX_SECONDS, check_image_ref
 
 DEFAULT_TIMEOUT = 300.0
+# Below this pids limit gVisor's own threads starve: measured on Debian's runsc 2022-12,
+# 96 fails closed (no subreaper) in 1.3 s, 64 hangs the first exec for the client's 120 s.
+GVISOR_PIDS_MIN = 96
 
 # Host memory a sandbox's output may hold. The history (for failure reports) keeps the
 # tail of each stream of its last HISTORY_LENGTH commands within HISTORY_BYTES in all;
@@ -427,6 +430,14 @@ class Sandbox:
     def _setup(self) -> None:
         cfg = self.config
         self.backend.ensure_image(cfg.image)
+        info = self.backend.info()
+        pids, gvisor = cfg.resources.pids, info.gvisor_runtimes
+        if (cfg.runtime or info.default_runtime) in gvisor and (pids or 1 << 30) < GVISOR_PIDS_MIN:
+            raise HardeningError(  # else the engine's first exec hangs for 120 s
+                f"sandbox hardening failed closed: a pids limit of {pids} is below "
+                f"{GVISOR_PIDS_MIN}, which gVisor (runsc) needs for its own threads (with "
+                "64 the engine's exec hangs). Raise resources.pids or run under runc."
+            )
         owner = cfg.owner()
         routes, agent_allow = self._routes(), self._agent_allow()
         if routes or agent_allow:

@@ -172,27 +172,14 @@ RUNSC_FAILS_CLOSED = {
     "no child subreaper, so run(timeout=) could not end setsid'ed processes": (
         "sandbox hardening failed closed: this kernel refuses PR_SET_CHILD_SUBREAPER"
     ),
-}
-# Tests that do not end under runsc: skipped there with the reason, run everywhere else.
-RUNSC_HANGS = {
-    "test_limits_from_the_manifest_are_applied": (
-        "under runsc a pids limit of 64 makes the root hardening exec hang until the "
-        "engine client's 120 s timeout (measured: memory 256m or cpus 0.5 alone fail "
-        "closed in ~7 s)"
+    "a pids limit too low for gVisor's own threads (64 would hang the engine's exec)": (
+        "which gVisor (runsc) needs for its own threads"
     ),
 }
 
 
 def _runsc_run(config: pytest.Config) -> bool:
     return run_state(config).default_runtime == "runsc"
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not _runsc_run(config):
-        return
-    for item in items:
-        if why := RUNSC_HANGS.get(getattr(item, "originalname", item.name)):
-            item.add_marker(pytest.mark.skip(reason=f"hangs under runsc: {why}"))
 
 
 def _failed_closed_under_runsc(exc: BaseException | None) -> str | None:

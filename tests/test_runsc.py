@@ -17,7 +17,7 @@ from conftest import ours
 
 from pytest_agentbox.errors import HardeningError
 from pytest_agentbox.policy.manifest import KeyRoute
-from pytest_agentbox.sandbox import Sandbox, SandboxConfig
+from pytest_agentbox.sandbox import GVISOR_PIDS_MIN, Resources, Sandbox, SandboxConfig
 
 RUNTIME = "runsc"
 
@@ -69,3 +69,22 @@ def test_keys_under_runsc_fail_closed_and_no_message_holds_the_key(
         make_sandbox(runtime=runsc, key_routes=(route,), keys={"openai": key}, run_id=run_id)
     assert key not in str(exc.value)
     assert ours(docker_client, run_id) == []
+
+
+@pytest.mark.parametrize("pids", [64, 95])
+def test_a_pids_limit_too_low_for_gvisor_fails_closed_at_once(
+    backend: Any, base_image: str, docker_client: Any, runsc: str, pids: int
+) -> None:
+    # With 64, gVisor's own threads starve and the engine's first exec hangs until the
+    # client's 120 s timeout; the sandbox refuses before it creates anything, and says
+    # what to change. 96 is the measured floor (it reaches the subreaper refusal).
+    run_id = secrets.token_hex(8)
+    config = SandboxConfig(
+        image=base_image, runtime=runsc, run_id=run_id, resources=Resources(pids=pids)
+    )
+    with pytest.raises(HardeningError, match=rf"pids limit of {pids} is below {GVISOR_PIDS_MIN}"):
+        Sandbox.create(config, backend)
+    assert ours(docker_client, run_id) == []
+    floor = SandboxConfig(image=base_image, runtime=runsc, resources=Resources(pids=96))
+    with pytest.raises(HardeningError, match="PR_SET_CHILD_SUBREAPER"):
+        Sandbox.create(floor, backend)
