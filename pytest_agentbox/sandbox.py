@@ -359,6 +359,7 @@ class Sandbox:
         self._token = secrets.token_hex(16)  # the agent's 128-bit session token
         self._ca_bundle = f"{self._tools_dir}-ca.pem"
         self._closed = False
+        self._runtime = config.runtime  # with the engine's default filled in on create
         self.setup_seconds = 0.0
 
     # ---- creation --------------------------------------------------------------
@@ -430,14 +431,6 @@ class Sandbox:
     def _setup(self) -> None:
         cfg = self.config
         self.backend.ensure_image(cfg.image)
-        info = self.backend.info()
-        pids, gvisor = cfg.resources.pids, info.gvisor_runtimes
-        if (cfg.runtime or info.default_runtime) in gvisor and (pids or 1 << 30) < GVISOR_PIDS_MIN:
-            raise HardeningError(  # else the engine's first exec hangs for 120 s
-                f"sandbox hardening failed closed: a pids limit of {pids} is below "
-                f"{GVISOR_PIDS_MIN}, which gVisor (runsc) needs for its own threads (with "
-                "64 the engine's exec hangs). Raise resources.pids or run under runc."
-            )
         owner = cfg.owner()
         routes, agent_allow = self._routes(), self._agent_allow()
         if routes or agent_allow:
@@ -546,13 +539,12 @@ class Sandbox:
         report = self._root_json(argv, stdin=source + json.dumps(opts).encode() + b"\n")
         self.hardening = report
         info = self.backend.info()
-        runtime = self.config.runtime or info.default_runtime
         self.warnings += hardening.check(
             report,
             keys_in_use=bool(self.config.key_routes),
             image=self.config.image,
-            gvisor=runtime in info.gvisor_runtimes,
-            root_in_memory=runtime in info.memory_root_runtimes,
+            gvisor=self._runtime in info.gvisor_runtimes,
+            root_in_memory=self._runtime in info.memory_root_runtimes,
         )
         self.user = report["user"]
         self.home = self.user["home"]
@@ -634,17 +626,23 @@ class Sandbox:
             )
 
     def _check_runtime(self) -> None:
-        """Refuse a runtime the engine does not have, instead of running under its default."""
-        want = self.config.runtime
-        if not want:
-            return
-        have = sorted(self.backend.info().runtimes)
-        if want not in have:
+        """Refuse a runtime the engine does not have, instead of running under its default,
+        and a pids limit gVisor cannot even start a process under."""
+        info, want, pids = self.backend.info(), self.config.runtime, self.config.resources.pids
+        self._runtime = want or info.default_runtime  # what the engine will use
+        have = sorted(info.runtimes)
+        if want and want not in have:
             raise AgentboxError(
                 f"runtime {want!r} is not registered with this Docker engine (it has: "
                 f"{', '.join(have) or 'none listed'}). Register it in the engine's daemon.json "
                 "(`runtimes`, then reload dockerd), or choose another with --agentbox-runtime "
                 "/ the manifest's runtime.isolation; for gVisor see scripts/engine2."
+            )
+        if self._runtime in info.gvisor_runtimes and (pids or 1 << 30) < GVISOR_PIDS_MIN:
+            raise HardeningError(  # else the engine's first exec hangs for 120 s
+                f"sandbox hardening failed closed: a pids limit of {pids} is below "
+                f"{GVISOR_PIDS_MIN}, which gVisor (runsc) needs for its own threads (with "
+                "64 the engine's exec hangs). Raise resources.pids or run under runc."
             )
 
     def _storage_quota(self) -> str:

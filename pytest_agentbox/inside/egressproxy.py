@@ -538,10 +538,9 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"ready": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
         return 1
     handed = hand_over(cfg["handoff"], [n for n, _ in routes], socks) if cfg.get("handoff") else ""
-    if handed == "ok":  # the sidecar accepts on our ports itself: no relay, no root process
-        print(json.dumps({"ready": True, "ports": ports, "handoff": "ok"}), flush=True)
-        return 0
     print(json.dumps({"ready": True, "ports": ports, "handoff": handed}), flush=True)
+    if handed == "ok":  # the sidecar accepts on our ports itself: no relay, no root process
+        return 0
     null = os.open(os.devnull, os.O_RDWR)  # the launcher may detach: never write to a closed pipe
     os.dup2(null, 1)
     os.dup2(null, 2)

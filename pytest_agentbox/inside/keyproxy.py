@@ -544,7 +544,7 @@ class Proxy:
             if up is None:  # TLS checks the certificate against the pinned domain either way
                 kind = Tunnel if self.via else http.client.HTTPSConnection
                 up = kind(c.route["domain"], self.port, timeout=self.timeout, context=self.ctx)
-                up.via = self.via
+                up.via = self.via  # read by Tunnel only
             try:
                 self.forward(up, c.route, c.req, body)
                 sock, c.rec["reused"] = up.sock, reused  # getresponse may drop up.sock
