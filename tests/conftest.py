@@ -162,9 +162,10 @@ def start_holding_run(path: Path, image: str, run_id: str) -> subprocess.Popen[s
 
 # The conformance suite (tests/conformance.txt) also runs with --agentbox-runtime=runsc
 # (scripts/dev test). Where gVisor cannot give a guarantee, the sandbox must fail closed
-# with the reason. With Debian's runsc (2022-12) registered as scripts/engine2 does, one
-# reason stops every sandbox before anything else (proven on its own in
-# tests/test_runsc.py). A test whose sandbox failed closed for it (raised, or reported by the
+# with the reason. With Debian's runsc (2022-12) registered as scripts/engine2 does, the
+# subreaper stops every sandbox before anything else, and a pids limit below gVisor's
+# floor stops it before its box is made (each proven on its own in tests/test_runsc.py).
+# A test whose sandbox failed closed for one of them (raised, or reported by the
 # plugin's fixtures, or met where the test expected another error) is reported xfailed
 # with it; any other error, and fail-closed for any other reason, stay failures.
 # Under runc nothing is converted.
