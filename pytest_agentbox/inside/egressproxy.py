@@ -387,10 +387,10 @@ def serve_one(cfg: dict, log: Log, lsn: dict, conn: socket.socket) -> None:
             conn.sendall(reply.encode())
     except OSError as exc:
         rec["reason"] = rec["reason"] or f"client error: {type(exc).__name__}"
-    finally:
-        conn.close()
+    finally:  # logged before the close: a client that saw the end finds its line
         ms, event = int((time.monotonic() - start) * 1000), "close" if opened else "connect"
         log.write(dict(rec, bytes_up=counter[0], bytes_down=counter[1], ms=ms, event=event))
+        conn.close()
 
 
 def refuse_busy(log: Log, name: str, conn: socket.socket, why: str) -> None:
