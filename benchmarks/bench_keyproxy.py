@@ -1,6 +1,7 @@
 """Key proxy cost: added latency per small request and streaming throughput, vs direct.
 
     python benchmarks/bench_keyproxy.py [--requests 200] [--rounds 3] [--no-diagnose]
+                                        [--body uniform|text]
 
 One sandbox with the openai key route and egress to a local fake upstream (internal
 Docker network, nothing leaves the machine). A stdlib client INSIDE the sandbox does
@@ -13,10 +14,13 @@ counted:
   through the same egress path (one request per connection by design).
 
 Rounds alternate the order of the two so noise hits both alike. Streaming: a 50 MB
-body (``body_size``) each way, MB/s. Targets (issue 11): p50 proxied <= 1.1x direct;
-throughput proxied >= 80% of direct. The key proxy keeps its upstream connections
-alive (pooled), so after the first request "proxied" pays no CONNECT and no TLS
-handshake, while "direct" pays both on every request.
+body (``body_size``) each way, MB/s: ``uniform`` is ``b"x"`` repeated (the transport's
+figure), ``text`` a 64 KiB block of SSE chat events with varied words repeated (what a
+provider streams; the scan's cost depends on the bytes, see ``Leaks.by_find``).
+Targets (issue 11): p50 proxied <= 1.1x direct; throughput proxied >= 80% of direct.
+The key proxy keeps its upstream connections alive (pooled), so after the first request
+"proxied" pays no CONNECT and no TLS handshake, while "direct" pays both on every
+request.
 
 Ceiling (same run): the key proxy's own work on this machine, in one process on the host
 with no container: a loopback TLS server sends the same body; the reader does what the
@@ -33,7 +37,10 @@ delayed ACK, which hides the key proxy's own cost.
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
+import json
+import random
 import secrets
 import socket
 import ssl
@@ -59,6 +66,19 @@ from pytest_agentbox.inside import keyproxy
 from pytest_agentbox.sandbox import DEFAULT_IMAGE
 
 SMALL, BIG = "/v1/bench/small", "/v1/bench/big"
+WORDS = b"the of and to in is was that for it with as his on be at by had are but from".split()
+
+
+def text_block(size: int = 64 * 1024) -> bytes:
+    """SSE chat-completion events of varied words, ``size`` bytes (seeded: every run alike)."""
+    rng, out = random.Random(11), bytearray()
+    while len(out) < size:
+        words = b" ".join(rng.choices(WORDS, k=8)).decode()
+        delta = {"choices": [{"index": 0, "delta": {"content": words}}]}
+        out += b"data: " + json.dumps({"id": "chatcmpl-1", **delta}).encode() + b"\n\n"
+    return bytes(out[:size])
+
+
 MODES = ("direct", "proxied")
 
 
@@ -91,7 +111,7 @@ def report_latency(title: str, res: dict[str, list[list[float]]]) -> float:
     return ratio
 
 
-def ceiling(size: int, rounds: int) -> dict[str, float]:
+def ceiling(size: int, rounds: int, block: bytes) -> dict[str, float]:
     """MB/s of the key proxy's per-byte work in process (median of rounds), see above."""
     ca = trustme.CA()
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -100,7 +120,7 @@ def ceiling(size: int, rounds: int) -> dict[str, float]:
     ca.configure_trust(client_ctx)
     listener = socket.create_server(("127.0.0.1", 0))
     head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
-    block = b"x" * MB
+    block = (block * (MB // len(block) + 1))[:MB]
 
     def serve() -> None:
         while True:
@@ -143,7 +163,7 @@ def ceiling(size: int, rounds: int) -> dict[str, float]:
                 speeds.append(size / MB / (time.perf_counter() - started))
                 up.close()
                 a.close()
-        piece = bytearray(b"x" * (4 * keyproxy.BUF))
+        piece = bytearray(block[: 4 * keyproxy.BUF])
         started = time.perf_counter()
         for _ in range(0, size, len(piece)):
             leaks.scan(piece, len(piece))
@@ -160,7 +180,10 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=50)
     ap.add_argument("--image", default=DEFAULT_IMAGE)
     ap.add_argument("--no-diagnose", action="store_true")
+    ap.add_argument("--body", choices=("uniform", "text"), default="uniform")
     args = ap.parse_args()
+    block = text_block() if args.body == "text" else b"x"
+    block_b64 = base64.b64encode(block).decode()
     client = engine.get_client()
     engine.ensure_image(client, args.image)
     started = time.perf_counter()
@@ -170,7 +193,7 @@ def main() -> None:
         up.program(
             [
                 {"path": SMALL, "body": '{"ok":true}', "headers": json_type},
-                {"path": BIG, "body_size": args.size_mb * MB},
+                {"path": BIG, "body_size": args.size_mb * MB, "block_b64": block_b64},
             ]
         )
         with egress_sandbox(client, args.image, up, keys=True) as sb:
@@ -188,13 +211,13 @@ def main() -> None:
                     if res["bytes"] != args.size_mb * MB:
                         raise RuntimeError(f"{mode}: got {res['bytes']} bytes")
                     speeds[mode].append(res["bytes"] / MB / res["seconds"])
-        print(f"streaming {args.size_mb} MB ({args.rounds} rounds, median):")
+        print(f"streaming {args.size_mb} MB of {args.body} ({args.rounds} rounds, median):")
         for mode in MODES:
             each = ", ".join(f"{s:.0f}" for s in speeds[mode])
             print(f"  {mode:<8} {median(speeds[mode]):6.1f} MB/s  (rounds: {each})")
         share = median(speeds["proxied"]) / median(speeds["direct"])
         print(f"  throughput proxied/direct {share:.0%} (issue 11 target >= 80%)")
-        bound = ceiling(args.size_mb * MB, args.rounds)
+        bound = ceiling(args.size_mb * MB, args.rounds, block)
         print("ceiling: the key proxy's per-byte work in one process, no container (MB/s):")
         for name, speed in bound.items():
             print(f"  {name:<24} {speed:7.1f}")

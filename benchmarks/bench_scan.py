@@ -4,10 +4,12 @@
 
 In process, no container. ``Leaks.scan`` runs over 256 KiB pieces (one body-buffer
 fill of the key proxy) of 1 MiB bodies: uniform (``b"x"``, the streaming bench's body),
-random bytes, chat-completion JSON, SSE events and base64. For three key shapes (the
-bench's 49 characters, OpenAI- and Anthropic-like lengths) it tries the default step
-(the longest all forms allow) and the larger steps that leave the shorter forms to a
-plain ``find``: the measure behind keeping the default.
+random bytes, chat-completion JSON, SSE events, SSE events of varied words (the
+streaming bench's ``--body text``) and base64. For three key shapes (the bench's 49
+characters, OpenAI- and Anthropic-like lengths) it times the shipped scan (each fill
+priced: plain finds or the word sampling, ``Leaks.by_find``), each of the two forced,
+and the word sampling at the larger steps that leave the shorter forms to a plain
+``find``: the measure behind both choices.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import random
 import secrets
 import sys
 import time
+
+from bench_keyproxy import text_block
 
 from pytest_agentbox.inside.keyproxy import BUF, Leaks
 
@@ -30,7 +34,19 @@ BODIES = {
     "json": (json.dumps(CHAT) * 20_000).encode()[:MB],
     "sse": ((EVENT + b"\n\n") * 20_000)[:MB],
     "base64": base64.b64encode(random.randbytes(MB))[:MB],
+    "text": text_block() * (MB // len(text_block())),
 }
+
+
+class Forced(Leaks):
+    """``Leaks`` with the per-fill choice fixed: plain finds, or the word sampling."""
+
+    def __init__(self, keys: list[bytes], finds: bool) -> None:
+        super().__init__(keys)
+        self.finds = finds
+
+    def by_find(self, buf: bytearray, end: int) -> bool:
+        return self.finds
 
 
 def with_step(leaks: Leaks, step: int) -> Leaks:
@@ -64,9 +80,15 @@ def main() -> None:
         default = Leaks([key.encode()])
         lengths = sorted(map(len, default.forms))
         print(f"{name}: form lengths {lengths}, default step {default.step}")
+        forced = {"finds only": True, "sampling only": False}
+        variants = {"shipped (priced)": default}
+        variants |= {k: Forced([key.encode()], v) for k, v in forced.items()}
+        for label, leaks in variants.items():
+            cells = " ".join(f"{seconds_per_200mb(leaks, b):6.3f}" for b in BODIES.values())
+            print(f"  {label:<25} {cells}")
         steps = sorted({default.step} | {(n - 7) // 8 * 8 for n in lengths[1:4]})
         for step in steps:
-            leaks = with_step(Leaks([key.encode()]), step)
+            leaks = with_step(Forced([key.encode()], False), step)
             cells = " ".join(f"{seconds_per_200mb(leaks, b):6.3f}" for b in BODIES.values())
             print(f"  step {step:4d} ({len(leaks.short)} found whole): {cells}")
 

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import gzip
 import json
+import random
 import secrets
 import socket
 import ssl
@@ -448,6 +449,28 @@ def test_scanner_holds_back_only_a_possible_key_start() -> None:
     for _ in range(20):
         leaks.mask(big)
     assert time.perf_counter() - started < 1.0  # linear and fast: 20 MB well under a second
+
+
+def test_the_scan_finds_every_form_whichever_search_a_fill_is_priced_for() -> None:
+    key = ("sk-bench-" + secrets.token_hex(20)).encode()
+    leaks = keyproxy.Leaks([key])
+    words = b"the of and to in is was that for it with as his on be at by had are but".split()
+    rng = random.Random(7)
+    events = (
+        b'data: {"delta": "%s"}\n\n' % b" ".join(rng.choices(words, k=6)) for _ in range(9000)
+    )
+    text = b"".join(events)[: 4 * keyproxy.BUF]
+    same = key[-1:] * len(text)  # every byte in the raw key's bloom filter: finds would crawl
+    assert leaks.by_find(bytearray(text), len(text))
+    assert not leaks.by_find(bytearray(same), len(same))
+    for body in (text, same):
+        for pattern, form in leaks.forms.items():
+            for at in (0, 12345, len(body) - len(pattern)):
+                buf = bytearray(body[:at] + pattern + body[at + len(pattern) :])
+                assert form in leaks.scan(buf, len(buf)), (form, at)
+                assert buf[at : at + len(pattern)] == b"*" * len(pattern)
+                assert key not in buf and bytes(buf).count(b"*") >= len(pattern)
+        assert leaks.scan(bytearray(body), len(body)) == []  # nothing where nothing is
 
 
 def test_log_leak_record_names_route_where_and_form_but_never_the_key(

@@ -324,3 +324,62 @@ def test_an_ssh_engine_whose_connect_hangs_is_reported_within_the_check_timeout(
         lsock.close()
     assert why is not None and took < 30, (why, took)
     assert f"127.0.0.1:{port}" in why and "did not answer within" in why
+
+
+# `agentbox image build --engine ssh://`: the script's `docker import` goes through the
+# docker CLI, whose ssh binary reads ~/.ssh from the passwd entry, not $HOME: a wrapper on
+# PATH gives it the test's files, as a user's own ~/.ssh would. No mirror is reachable
+# here, so debootstrap's stand-in unpacks the base image's files (minus the agent user,
+# which the script makes); everything after it is the shipped script.
+SSH_WRAPPER = """#!/bin/sh
+exec /usr/bin/ssh -F "$HOME/.ssh/config" -i "$HOME/.ssh/id_ed25519" \\
+  -o UserKnownHostsFile="$HOME/.ssh/known_hosts" "$@"
+"""
+DEBOOTSTRAP_STAND_IN = """#!/bin/sh
+set -e
+echo "$@" > "$AGENTBOX_TEST_ARGS"
+tar -x -f "$AGENTBOX_TEST_ROOTFS" -C "$4"
+chroot "$4" userdel --remove agent
+"""
+
+
+def test_image_build_provisions_an_ssh_engine(
+    ssh_engine: SshEngine, docker_client: Any, base_image: str, tmp_path: Path
+) -> None:
+    rootfs, args, bin_dir = tmp_path / "rootfs.tar", tmp_path / "args", tmp_path / "bin"
+    box = docker_client.containers.create(base_image, ["true"])
+    try:
+        with rootfs.open("wb") as fh:
+            for chunk in box.export():
+                fh.write(chunk)
+    finally:
+        box.remove(force=True)
+    bin_dir.mkdir()
+    for name, text in (("ssh", SSH_WRAPPER), ("debootstrap", DEBOOTSTRAP_STAND_IN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    tag = f"agentbox-test/over-ssh:{secrets.token_hex(4)}"
+    logins = ssh_engine.log.read_text().count("Accepted publickey for")
+    env = ssh_engine.environ(
+        PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT),
+        AGENTBOX_TEST_ROOTFS=str(rootfs), AGENTBOX_TEST_ARGS=str(args),
+    )  # fmt: skip
+    del env["DOCKER_HOST"]  # the engine is the --engine URL alone
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest_agentbox.cli", "image", "build", "--tag", tag,
+             "--engine", ssh_engine.url],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        assert f"agentbox: built {tag}" in out.stdout
+        assert args.read_text().split()[2] == "bookworm"  # the script's own suite
+        # On the engine behind that sshd, imported through a login with this run's key.
+        assert ssh_engine.log.read_text().count("Accepted publickey for") > logins
+        image = docker_client.images.get(tag)
+        assert image.labels.get("org.agentbox.image") == "base"
+        uid = docker_client.containers.run(tag, ["id", "-u", "agent"], remove=True)
+        assert uid.strip() == b"1000"  # the agent user the plugin expects, made by the script
+    finally:
+        with contextlib.suppress(Exception):
+            docker_client.images.remove(tag, force=True)

@@ -6,12 +6,13 @@ RULES.json is re-read on every request: a list of rules, the first match wins::
 
     {"method": "POST" | "*", "path": "/v1/chat/completions" | "/v1/*",
      "status": 200, "headers": {...}, "body": "text" | null, "gzip": false,
-    "body_b64": "<base64 bytes>" | null, "body_size": N | null,
+    "body_b64": "<base64 bytes>" | null, "body_size": N | null, "block_b64": "<base64>",
      "sse": [{"data": "...", "delay": 0.0}, ...] | null, "chunk_delay": 0.0,
      "hang": seconds, "close": true}
 
 ``sse`` answers ``text/event-stream`` in chunked encoding, each event flushed after its
-delay; ``gzip`` compresses the body; ``chunk_delay`` sends the body in ``chunk_size``
+delay; ``body_size`` repeats ``block_b64`` (default ``x``) to N bytes; ``gzip``
+compresses the body; ``chunk_delay`` sends the body in ``chunk_size``
 (default 1024) byte pieces with that pause between them; ``hang`` waits before
 answering; ``close`` drops the connection unanswered. No match is a 404 JSON answer.
 Every request but ``GET /__health`` is appended to LOG as one JSON line (method, path
@@ -112,7 +113,9 @@ class Handler(BaseHTTPRequestHandler):
         if rule.get("body_b64"):  # binary payloads: wheels, archives
             data = base64.b64decode(rule["body_b64"])
         elif rule.get("body_size"):  # large bodies for throughput benchmarks
-            data = b"x" * int(rule["body_size"])
+            block, size = base64.b64decode(rule.get("block_b64") or "eA=="), int(rule["body_size"])
+            data = block * (size // len(block))  # one copy in memory: 200 MB bodies fit
+            data += block[: size % len(block)]
         else:
             data = str(rule.get("body") or "").encode()
         if rule.get("gzip"):
