@@ -1243,6 +1243,11 @@ class Sandbox:
                     )
 
     def __enter__(self) -> Sandbox:
+        if self.box is None:  # made by the constructor: nothing was created or hardened
+            raise AgentboxError(
+                "this Sandbox was never set up: use `with Sandbox.create(config) as sb:` "
+                "(Sandbox(...) itself creates no box)"
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:

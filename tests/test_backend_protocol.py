@@ -308,6 +308,16 @@ def test_sandbox_create_refuses_what_is_not_a_backend() -> None:
         Sandbox.create(SandboxConfig(), object())  # type: ignore[arg-type]
 
 
+def test_a_sandbox_made_by_its_constructor_refuses_a_with_block_with_the_fix() -> None:
+    from pytest_agentbox.errors import AgentboxError
+    from pytest_agentbox.sandbox import Sandbox, SandboxConfig
+
+    made = Sandbox(SandboxConfig(), object())  # type: ignore[arg-type]
+    fix = r"never set up: use `with Sandbox\.create\(config\)"
+    with pytest.raises(AgentboxError, match=fix), made:
+        pytest.fail("the block ran without a box")
+
+
 HOOK_CONFTEST = """
 from pytest_agentbox.errors import DockerUnavailable
 

@@ -444,11 +444,8 @@ def test_scanner_holds_back_only_a_possible_key_start() -> None:
     assert leaks.hold(b"data: {}\n\n") == 0
     assert leaks.hold(b"data: sk-te") == 5
     assert leaks.hold(b"x" * 100) == 0
-    big = b"y" * 1_000_000
-    started = time.perf_counter()
-    for _ in range(20):
-        leaks.mask(big)
-    assert time.perf_counter() - started < 1.0  # linear and fast: 20 MB well under a second
+    big = b"y" * 1_000_000  # its cost is a benchmark's (bench_scan.py), not a test's
+    assert leaks.mask(big) == (big, []) and leaks.hold(big) == 0
 
 
 def test_the_scan_finds_every_form_whichever_search_a_fill_is_priced_for() -> None:
