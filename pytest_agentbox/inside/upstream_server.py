@@ -11,7 +11,8 @@ RULES.json is re-read on every request: a list of rules, the first match wins::
      "hang": seconds, "close": true}
 
 ``sse`` answers ``text/event-stream`` in chunked encoding, each event flushed after its
-delay; ``body_size`` repeats ``block_b64`` (default ``x``) to N bytes; ``gzip``
+delay; ``body_size`` streams ``block_b64`` (default ``x``) repeated to N bytes (never held
+whole, not gzipped); ``gzip``
 compresses the body; ``chunk_delay`` sends the body in ``chunk_size``
 (default 1024) byte pieces with that pause between them; ``hang`` waits before
 answering; ``close`` drops the connection unanswered. No match is a 404 JSON answer.
@@ -112,10 +113,15 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_sse(status, headers, rule["sse"])
         if rule.get("body_b64"):  # binary payloads: wheels, archives
             data = base64.b64decode(rule["body_b64"])
-        elif rule.get("body_size"):  # large bodies for throughput benchmarks
+        elif rule.get("body_size"):  # throughput benchmarks: streamed, any size fits
             block, size = base64.b64decode(rule.get("block_b64") or "eA=="), int(rule["body_size"])
-            data = block * (size // len(block))  # one copy in memory: 200 MB bodies fit
-            data += block[: size % len(block)]
+            piece = block * max(1, (1 << 20) // len(block))
+            headers.setdefault("content-type", "text/plain; charset=utf-8")
+            self.start(status, {**headers, "content-length": str(size)})
+            while size > 0 and self.command != "HEAD":
+                self.wfile.write(piece[:size])
+                size -= len(piece)
+            return self.wfile.flush()
         else:
             data = str(rule.get("body") or "").encode()
         if rule.get("gzip"):
