@@ -1,6 +1,6 @@
 """Diagnostic: CPU seconds of each process on the key proxy and egress paths per download.
 
-    python benchmarks/diag_cpu_split.py [SIZE_MB]
+    python benchmarks/diag_cpu_split.py [SIZE_MB] [text]
 
 One keyed sandbox and the local fake upstream (internal Docker network, nothing leaves
 the machine). For a direct and a proxied download (as in ``bench_keyproxy.py``, twice
@@ -8,17 +8,20 @@ each) it prints MB/s and the CPU seconds (user + system, from ``/proc``) each pr
 spent meanwhile: the fake upstream, the sidecar's egress proxy and key proxy, the
 sandbox's forwarder, counting only processes in this run's three containers (by cgroup:
 other sandboxes on a shared machine are left out). The in-sandbox client has exited by then:
-it reports its own CPU seconds for the download.
+it reports its own CPU seconds for the download. ``text``: the body is
+``bench_keyproxy.py --body text``'s SSE events instead of ``b"x"`` repeated.
 """
 
 from __future__ import annotations
 
+import base64
 import glob
 import os
 import sys
 from typing import Any
 
 from _common import CLIENT, MB, egress_sandbox, run_json, start_upstream
+from bench_keyproxy import text_block
 
 from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.sandbox import DEFAULT_IMAGE
@@ -56,7 +59,9 @@ def main() -> None:
     client = engine.get_client()
     up = start_upstream(client, DEFAULT_IMAGE)
     try:
-        up.program([{"path": "/v1/big", "body_size": size * MB}])
+        block = text_block() if sys.argv[2:] == ["text"] else b"x"
+        rule = {"path": "/v1/big", "body_size": size * MB}
+        up.program([{**rule, "block_b64": base64.b64encode(block).decode()}])
         with egress_sandbox(client, DEFAULT_IMAGE, up, keys=True) as sb:
             ids = (up.container.id, sb.container_id, sb.sidecar.id)
             for mode in ("direct", "proxied", "direct", "proxied"):
