@@ -12,9 +12,8 @@ RULES.json is re-read on every request: a list of rules, the first match wins::
 
 ``sse`` answers ``text/event-stream`` in chunked encoding, each event flushed after its
 delay; ``body_size`` streams ``block_b64`` (default ``x``) repeated to N bytes (never held
-whole, not gzipped); ``gzip``
-compresses the body; ``chunk_delay`` sends the body in ``chunk_size``
-(default 1024) byte pieces with that pause between them; ``hang`` waits before
+whole, not gzipped); ``gzip`` compresses the body; ``chunk_delay`` sends the body in
+``chunk_size`` (default 1024) byte pieces with that pause between them; ``hang`` waits before
 answering; ``close`` drops the connection unanswered. No match is a 404 JSON answer.
 Every request but ``GET /__health`` is appended to LOG as one JSON line (method, path
 with query, all headers as received, body length and its first 64 KiB as text).
