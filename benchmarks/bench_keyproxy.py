@@ -70,12 +70,18 @@ WORDS = b"the of and to in is was that for it with as his on be at by had are bu
 
 
 def text_block(size: int = 64 * 1024) -> bytes:
-    """SSE chat-completion events of varied words, ``size`` bytes (seeded: every run alike)."""
+    """SSE chat-completion chunks as a provider streams them (one completion's id, time
+    and fingerprint in every chunk, words of varied case), ``size`` bytes, seeded."""
     rng, out = random.Random(11), bytearray()
+    alnum = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    head = {"id": "chatcmpl-" + "".join(rng.choices(alnum, k=29))}
+    head |= {"object": "chat.completion.chunk", "created": rng.randrange(10**9, 2 * 10**9)}
+    head |= {"model": "gpt-4o-2024-08-06", "system_fingerprint": f"fp_{rng.randbytes(5).hex()}"}
     while len(out) < size:
         words = b" ".join(rng.choices(WORDS, k=8)).decode()
-        delta = {"choices": [{"index": 0, "delta": {"content": words}}]}
-        out += b"data: " + json.dumps({"id": "chatcmpl-1", **delta}).encode() + b"\n\n"
+        words = words.capitalize() if rng.random() < 0.3 else words
+        delta = {"index": 0, "delta": {"content": " " + words}, "finish_reason": None}
+        out += b"data: " + json.dumps({**head, "choices": [delta]}).encode() + b"\n\n"
     return bytes(out[:size])
 
 

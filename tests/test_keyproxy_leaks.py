@@ -460,6 +460,8 @@ def test_the_scan_finds_every_form_whichever_search_a_fill_is_priced_for() -> No
     same = key[-1:] * len(text)  # every byte in the raw key's bloom filter: finds would crawl
     assert leaks.by_find(bytearray(text), len(text))
     assert not leaks.by_find(bytearray(same), len(same))
+    long_key = keyproxy.Leaks([("sk-proj-" + secrets.token_urlsafe(117)).encode()])
+    assert not long_key.by_find(bytearray(text), len(text))  # its sampling is as cheap
     for body in (text, same):
         for pattern, form in leaks.forms.items():
             for at in (0, 12345, len(body) - len(pattern)):

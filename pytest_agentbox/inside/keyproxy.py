@@ -211,11 +211,11 @@ class Leaks:
         for p in self.forms:
             self.firsts.setdefault(p[0], []).append(p)
         # CPython's find jumps a whole window when the byte after it is outside the
-        # pattern's 64-bit bloom filter (byte & 63), else steps one byte: twice as fast
-        # as the word sampling on text for a short key, slower where data bytes collide
-        # (b"x" * n for a key holding an "8"). A sample of each fill prices the finds;
-        # the word sampling costs about 10 of those priced steps per word (fitted in
-        # benchmarks/bench_scan.py). The choice is speed only: both searches are exact.
+        # pattern's 64-bit bloom filter (byte & 63), else steps one byte: for keys short
+        # enough that the sampling step is under 56, twice as fast as the word sampling
+        # on text, slower where data bytes collide (b"x" * n for a key holding an "8").
+        # A sample of each fill prices the finds; a sampled word costs about 10 priced
+        # steps (fitted, benchmarks/bench_scan.py). The choice is speed: both are exact.
         self.blooms = [
             (len(p), bytes(b & 63 in {c & 63 for c in p} for b in range(256))) for p in self.forms
         ]
@@ -227,6 +227,8 @@ class Leaks:
 
     def by_find(self, buf: bytearray, end: int) -> bool:
         """True if plain finds of every pattern are priced below the word sampling here."""
+        if self.step >= 56:  # a longer key: the sampling costs as little (see __init__)
+            return False
         sample = buf[:end:1021] or b"\0"
         hit = [sample.translate(table).count(1) / len(sample) for _, table in self.blooms]
         return sum(1 / (m + 1 - m * q) for (m, _), q in zip(self.blooms, hit)) * self.step < 10
