@@ -216,6 +216,10 @@ class Leaks:
         # on text, slower where data bytes collide (b"x" * n for a key holding an "8").
         # A sample of each fill prices the finds; a sampled word costs about 10 priced
         # steps (fitted, benchmarks/bench_scan.py). The choice is speed: both are exact.
+        # A pattern holding a byte k times cannot be in a fill with fewer copies of it;
+        # counting to k by memchr-speed finds skips most patterns' own finds on text.
+        most = {p: max(set(p), key=p.count) for p in self.forms}
+        self.needs = {p: (c, p.count(c)) for p, c in most.items()}
         self.blooms = [
             (len(p), bytes(b & 63 in {c & 63 for c in p} for b in range(256))) for p in self.forms
         ]
@@ -233,13 +237,18 @@ class Leaks:
         hit = [sample.translate(table).count(1) / len(sample) for _, table in self.blooms]
         return sum(1 / (m + 1 - m * q) for (m, _), q in zip(self.blooms, hit)) * self.step < 10
 
+    def holds(self, buf: bytearray, end: int, pattern: bytes) -> bool:
+        """False if ``buf[:end]`` has fewer copies of ``pattern``'s most repeated byte."""
+        (byte, count), at = self.needs[pattern], -1
+        return all((at := buf.find(byte, at + 1, end)) >= 0 for _ in range(count))
+
     def scan(self, buf: bytearray, end: int) -> list[str]:
         """Mask every pattern in ``buf[:end]`` in place; return the forms found."""
         suspects: Any = self.forms
         if not self.by_find(buf, end):
             words = memoryview(buf)[: end & ~7].cast("Q")[:: self.step // 8]
             suspects = self.short if self.anchors.isdisjoint(words) else self.forms
-        if all(buf.find(p, 0, end) < 0 for p in suspects):
+        if all(not self.holds(buf, end, p) or buf.find(p, 0, end) < 0 for p in suspects):
             return []
         seen, found = bytes(buf[:end]), []  # overlapping hits: find in the unmasked bytes
         for pattern, form in self.forms.items():
