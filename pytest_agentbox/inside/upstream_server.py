@@ -110,12 +110,12 @@ class Handler(BaseHTTPRequestHandler):
         status, headers = int(rule.get("status", 200)), dict(rule.get("headers") or {})
         if rule.get("sse") is not None:
             return self.send_sse(status, headers, rule["sse"])
+        headers.setdefault("content-type", "text/plain; charset=utf-8")
         if rule.get("body_b64"):  # binary payloads: wheels, archives
             data = base64.b64decode(rule["body_b64"])
         elif rule.get("body_size"):  # throughput benchmarks: streamed, any size fits
             block, size = base64.b64decode(rule.get("block_b64") or "eA=="), int(rule["body_size"])
             piece = block * max(1, (1 << 20) // len(block))
-            headers.setdefault("content-type", "text/plain; charset=utf-8")
             self.start(status, {**headers, "content-length": str(size)})
             while size > 0 and self.command != "HEAD":
                 self.wfile.write(piece[:size])
@@ -126,7 +126,6 @@ class Handler(BaseHTTPRequestHandler):
         if rule.get("gzip"):
             data = gzip.compress(data)
             headers["content-encoding"] = "gzip"
-        headers.setdefault("content-type", "text/plain; charset=utf-8")
         delay, size = float(rule.get("chunk_delay") or 0), int(rule.get("chunk_size") or 1024)
         return self.send_bytes(status, headers, data, delay, size)
 
