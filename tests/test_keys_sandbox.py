@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 import pytest
 from conftest import as_root, inspect_box
+from test_isolation_sandbox import key_forms
 
 from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.backends.docker.fakeupstream import header
@@ -125,6 +127,41 @@ def test_the_agent_cannot_take_a_handed_over_port(keyed: Any, fake_upstream: Any
     r = keyed.run('curl -sS -H "Authorization: Bearer $OPENAI_API_KEY" "$OPENAI_BASE_URL/models"')
     assert r.exit_code == 0 and json.loads(r.stdout) == {"ok": True}
     assert header(fake_upstream.requests()[0], "authorization") == [f"Bearer {keyed.key}"]
+
+
+def test_a_key_the_upstream_sends_back_never_reaches_the_agent(
+    keyed: Any, fake_upstream: Any
+) -> None:
+    # An upstream that echoes the key in every form, in a header, gzipped, as an SSE event
+    # and back to back in a 700 KB body (so wherever the key proxy's reads end, one cuts a
+    # key): the agent, through the real key proxy in the sidecar, gets none of it.
+    key, raw = keyed.key, keyed.key.encode()
+    text = " ".join(["echo:", *key_forms(key), base64.b64encode(b"Bearer " + raw).decode()])
+    big = (raw + b"\n") * (700_000 // (len(raw) + 1))
+    plain = {"body": text, "headers": {"x-request-id": key}, "gzip": False, "status": 200}
+    fake_upstream.program([
+        {"path": "/v1/echo", **plain},
+        {"path": "/v1/echo-gz", **plain, "gzip": True},
+        {"path": "/v1/echo-sse", "sse": [{"data": json.dumps({"content": key})}]},
+        {"path": "/v1/echo-big", "body_b64": base64.b64encode(big).decode()},
+    ])  # fmt: skip
+    seen = {}
+    for path in ("echo", "echo-gz", "echo-sse", "echo-big"):
+        r = keyed.run(
+            f'curl -sS -D - -H "Authorization: Bearer $OPENAI_API_KEY" "$OPENAI_BASE_URL/{path}"'
+        )
+        assert r.exit_code == 0, r
+        seen[path] = r.stdout
+        assert not [f for f in key_forms(key) if f in r.stdout], path
+        assert "*" * len(key) in r.stdout, path
+    body = seen["echo-big"].partition("\r\n\r\n")[2]
+    assert len(body) == len(big) and body.count("*" * len(key)) == big.count(raw)
+    log = keyed.collect_logs()["key proxy requests"]
+    leaks = [json.loads(line) for line in log.splitlines() if '"leak"' in line]
+    assert {("header:x-request-id", "/v1/echo"), ("body", "/v1/echo-big")} <= {
+        (r["where"], r["path"]) for r in leaks
+    }
+    assert key not in log
 
 
 def test_upstream_gets_the_real_key_and_the_pinned_host(keyed: Any, fake_upstream: Any) -> None:
