@@ -1015,9 +1015,9 @@ def test_keyproxy_stays_short_enough_to_audit() -> None:
     source = Path(KEYPROXY).read_text()
     # 820 with the upstream pool and the in-place body buffer, 830 with the request log's
     # cap, 871 with the listener handoff and the Unix CONNECT leg, 889 with the scan's
-    # priced choice between find and word sampling, 900 with the byte-count pre-check;
-    # issue 11 aims at 600.
-    assert len(source.splitlines()) <= 900
+    # priced choice between find and word sampling, 900 with the byte-count pre-check,
+    # 904 with the body loop in Leaks (the ceiling benchmark runs it); issue 11 aims at 600.
+    assert len(source.splitlines()) <= 904
     assert re.search(r"Security properties:", source)
 
 

@@ -259,6 +259,19 @@ class Leaks:
                 at = seen.find(pattern, at + 1)
         return found
 
+    def stream(self, read: Any, send: Any, seen: dict) -> None:
+        """Send what ``read`` fills, masked, counting each form in ``seen["body", form]``."""
+        buf, held = bytearray(4 * BUF + self.longest), 0
+        view = memoryview(buf)  # filled in place: the held tail moves to its front, no joins
+        while n := read(view[held:]):
+            end = held + n
+            for form in self.scan(buf, end):
+                seen["body", form] = seen.get(("body", form), 0) + 1
+            held = self.hold(buf[max(0, end - self.longest) : end])  # masked already
+            send(view[: end - held])
+            buf[:held] = buf[end - held : end]
+        send(view[:held])
+
     def hold(self, buf: bytes) -> int:
         """Length of the longest end of ``buf`` that could still grow into a pattern."""
         tail, best = buf[max(0, len(buf) - self.longest + 1) :], 0
@@ -645,16 +658,7 @@ class Proxy:
                 leaks[where, form] = leaks.get((where, form), 0) + 1
             lines.append(line.decode("latin-1"))
         self.send(c, "\r\n".join([*lines, "Connection: close", "", ""]).encode("latin-1"))
-        buf, held, read = bytearray(4 * BUF + self.leaks.longest), 0, reader(resp, coding, sock)
-        view = memoryview(buf)  # filled in place: the held tail moves to its front, no joins
-        while n := read(view[held:]):
-            end = held + n
-            for form in self.leaks.scan(buf, end):
-                leaks["body", form] = leaks.get(("body", form), 0) + 1
-            held = self.leaks.hold(buf[max(0, end - self.leaks.longest) : end])  # masked already
-            self.send(c, view[: end - held])
-            buf[:held] = buf[end - held : end]
-        self.send(c, view[:held])
+        self.leaks.stream(reader(resp, coding, sock), lambda data: self.send(c, data), leaks)
 
     def send(self, c: Conn, data: bytes | memoryview) -> None:
         c.sock.sendall(data)  # also an empty end: one cheap call, no special case
