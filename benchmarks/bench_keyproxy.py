@@ -155,8 +155,8 @@ def ceiling(size: int, rounds: int, block: bytes) -> dict[str, float]:
             pass
 
     threading.Thread(target=serve, daemon=True).start()
-    leaks = keyproxy.Leaks([("sk-bench-" + secrets.token_hex(20)).encode()])
-    unscanned = Unscanned([b"sk-bench-" + secrets.token_hex(20).encode()])
+    keys = [("sk-bench-" + secrets.token_hex(20)).encode()]
+    leaks, unscanned = keyproxy.Leaks(keys), Unscanned(keys)
     out: dict[str, list[float]] = {"TLS read + scan + send": [], "TLS read + send": []}
     try:
         for _ in range(rounds):
