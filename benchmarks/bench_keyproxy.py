@@ -16,7 +16,7 @@ counted:
 Rounds alternate the order of the two so noise hits both alike. Streaming: a 50 MB
 body (``body_size``) each way, MB/s: ``uniform`` is ``b"x"`` repeated (the transport's
 figure), ``text`` a 64 KiB block of SSE chat events with varied words repeated (what a
-provider streams; the scan's cost depends on the bytes, see ``Leaks.by_find``).
+provider streams; the scan's cost depends on the bytes, see ``bench_scan.py``).
 Targets (issue 11): p50 proxied <= 1.1x direct; throughput proxied >= 80% of direct.
 The key proxy keeps its upstream connections alive (pooled), so after the first request
 "proxied" pays no CONNECT and no TLS handshake, while "direct" pays both on every

@@ -1,24 +1,25 @@
-"""The key proxy's leak scan alone, per body type and sampling step, CPU s per 200 MB.
+"""The key proxy's leak scan alone, per body type and key shape, CPU s per 200 MB.
 
-    python benchmarks/bench_scan.py
+    python benchmarks/bench_scan.py [--keys N]
 
 In process, no container. ``Leaks.scan`` runs over 256 KiB pieces (one body-buffer
 fill of the key proxy) of 1 MiB bodies: uniform (``b"x"``, the streaming bench's body),
 random bytes, chat-completion JSON, SSE events, SSE events of varied words (the
 streaming bench's ``--body text``) and base64. For three key shapes (the bench's 49
-characters, OpenAI- and Anthropic-like lengths) it times the shipped scan (each fill
-priced: plain finds or the word sampling, ``Leaks.by_find``), each of the two forced,
-and the word sampling at the larger steps that leave the shorter forms to a plain
-``find``: the measure behind both choices.
+characters, OpenAI- and Anthropic-like lengths), over N random keys each (a search's
+cost depends on the key's bytes), the worst and the median of: the shipped scan (libc's
+``memmem`` behind the byte-count check), the ``bytes.find`` fallback (a python without
+ctypes), and ``memmem`` without the count check: the measure behind the choice.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import random
 import secrets
-import sys
+import statistics
 import time
 
 from bench_keyproxy import text_block
@@ -36,29 +37,21 @@ BODIES = {
     "base64": base64.b64encode(random.randbytes(MB))[:MB],
     "text": text_block() * (MB // len(text_block())),
 }
+SHAPES = {
+    "bench (49)": lambda: "sk-bench-" + secrets.token_hex(20),
+    "openai-like (164)": lambda: "sk-proj-" + secrets.token_urlsafe(117),
+    "anthropic-like (108)": lambda: "sk-ant-api03-" + secrets.token_urlsafe(71),
+}
 
 
-class Forced(Leaks):
-    """``Leaks`` with the per-fill choice fixed: plain finds, or the word sampling."""
+class Uncounted(Leaks):
+    """``Leaks`` searching every pattern, without the byte-count check first."""
 
-    def __init__(self, keys: list[bytes], finds: bool) -> None:
-        super().__init__(keys)
-        self.finds = finds
-
-    def by_find(self, buf: bytearray, end: int) -> bool:
-        return self.finds
+    def holds(self, buf: bytearray, end: int, pattern: bytes) -> bool:
+        return True
 
 
-def with_step(leaks: Leaks, step: int) -> Leaks:
-    """``leaks`` sampling every ``step`` bytes; forms too short for it are found whole."""
-    leaks.step = step
-    leaks.short = [p for p in leaks.forms if len(p) < step + 7]
-    at = [(p, i) for p in leaks.forms if len(p) >= step + 7 for i in range(step)]
-    leaks.anchors = {int.from_bytes(p[i : i + 8], sys.byteorder) for p, i in at}
-    return leaks
-
-
-def seconds_per_200mb(leaks: Leaks, body: bytes, reps: int = 5) -> float:
+def seconds_per_200mb(leaks: Leaks, body: bytes, reps: int = 3) -> float:
     pieces = [bytearray(body[i : i + 4 * BUF]) for i in range(0, len(body), 4 * BUF)]
     best = float("inf")
     for _ in range(reps):
@@ -70,27 +63,27 @@ def seconds_per_200mb(leaks: Leaks, body: bytes, reps: int = 5) -> float:
 
 
 def main() -> None:
-    keys = {
-        "bench (49)": "sk-bench-" + secrets.token_hex(20),
-        "openai-like (164)": "sk-proj-" + secrets.token_urlsafe(117),
-        "anthropic-like (108)": "sk-ant-api03-" + secrets.token_urlsafe(71),
-    }
-    print("CPU s per 200 MB; " + ", ".join(BODIES))
-    for name, key in keys.items():
-        default = Leaks([key.encode()])
-        lengths = sorted(map(len, default.forms))
-        print(f"{name}: form lengths {lengths}, default step {default.step}")
-        forced = {"finds only": True, "sampling only": False}
-        variants = {"shipped (priced)": default}
-        variants |= {k: Forced([key.encode()], v) for k, v in forced.items()}
-        for label, leaks in variants.items():
-            cells = " ".join(f"{seconds_per_200mb(leaks, b):6.3f}" for b in BODIES.values())
-            print(f"  {label:<25} {cells}")
-        steps = sorted({default.step} | {(n - 7) // 8 * 8 for n in lengths[1:4]})
-        for step in steps:
-            leaks = with_step(Forced([key.encode()], False), step)
-            cells = " ".join(f"{seconds_per_200mb(leaks, b):6.3f}" for b in BODIES.values())
-            print(f"  step {step:4d} ({len(leaks.short)} found whole): {cells}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, default=6, help="random keys per shape")
+    args = parser.parse_args()
+    if Leaks([b"sk-x" * 8]).memmem is None:
+        print("note: this python has no ctypes/memmem: every row runs bytes.find")
+    print(f"CPU s per 200 MB, worst/median of {args.keys} keys; " + ", ".join(BODIES))
+    for name, new in SHAPES.items():
+        keys = [new().encode() for _ in range(args.keys)]
+        print(f"{name}: form lengths {sorted(map(len, Leaks(keys[:1]).forms))}")
+        variants = {
+            "shipped (memmem)": lambda k: Leaks([k]),
+            "bytes.find fallback": lambda k: Leaks([k], native=False),
+            "memmem, no count check": lambda k: Uncounted([k]),
+        }
+        for label, make in variants.items():
+            scans = [make(k) for k in keys]
+            cells = []
+            for body in BODIES.values():
+                cost = [seconds_per_200mb(leaks, body) for leaks in scans]
+                cells.append(f"{max(cost):.3f}/{statistics.median(cost):.3f}")
+            print(f"  {label:<24} {' '.join(cells)}")
 
 
 if __name__ == "__main__":

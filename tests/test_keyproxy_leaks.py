@@ -448,21 +448,23 @@ def test_scanner_holds_back_only_a_possible_key_start() -> None:
     assert leaks.mask(big) == (big, []) and leaks.hold(big) == 0
 
 
-def test_the_scan_finds_every_form_whichever_search_a_fill_is_priced_for() -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["memmem", "bytes.find"])
+@pytest.mark.parametrize("distinct", [False, True], ids=["hex-key", "distinct-bytes-key"])
+def test_the_scan_finds_every_form_whichever_search_runs(native: bool, distinct: bool) -> None:
     key = ("sk-bench-" + secrets.token_hex(20)).encode()
-    leaks = keyproxy.Leaks([key])
+    if distinct:  # its raw form has no repeated byte: the count check's smallest count
+        key = b"sk-" + bytes(random.sample(b"0123456789abcdefghijklmnopqrstuvwxyz", 36))
+    leaks = keyproxy.Leaks([key], native=native)
+    assert (leaks.memmem is not None) is native  # this host's python has ctypes and memmem
     words = b"the of and to in is was that for it with as his on be at by had are but".split()
     rng = random.Random(7)
     events = (
         b'data: {"delta": "%s"}\n\n' % b" ".join(rng.choices(words, k=6)) for _ in range(9000)
     )
     text = b"".join(events)[: 4 * keyproxy.BUF]
-    same = key[-1:] * len(text)  # every byte in the raw key's bloom filter: finds would crawl
-    assert leaks.by_find(bytearray(text), len(text))
-    assert not leaks.by_find(bytearray(same), len(same))
-    long_key = keyproxy.Leaks([("sk-proj-" + secrets.token_urlsafe(117)).encode()])
-    assert not long_key.by_find(bytearray(text), len(text))  # its sampling is as cheap
-    for body in (text, same):
+    same = key[-1:] * len(text)  # the pattern's own byte everywhere: the count check passes
+    none = b"\0" * len(text)  # the pattern's bytes only where it is: the count check's edge
+    for body in (text, same, none, random.randbytes(len(text))):
         for pattern, form in leaks.forms.items():
             for at in (0, 12345, len(body) - len(pattern)):
                 buf = bytearray(body[:at] + pattern + body[at + len(pattern) :])

@@ -1016,8 +1016,9 @@ def test_keyproxy_stays_short_enough_to_audit() -> None:
     # 820 with the upstream pool and the in-place body buffer, 830 with the request log's
     # cap, 871 with the listener handoff and the Unix CONNECT leg, 889 with the scan's
     # priced choice between find and word sampling, 900 with the byte-count pre-check,
-    # 904 with the body loop in Leaks (the ceiling benchmark runs it); issue 11 aims at 600.
-    assert len(source.splitlines()) <= 904
+    # 904 with the body loop in Leaks (the ceiling benchmark runs it), 897 with memmem in
+    # place of the priced sampling; issue 11 aims at 600.
+    assert len(source.splitlines()) <= 897
     assert re.search(r"Security properties:", source)
 
 

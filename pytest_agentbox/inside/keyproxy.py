@@ -32,9 +32,10 @@ Security properties:
   HTML-safe). A hit becomes as many ``*`` (Content-Length holds) and is logged as
   ``{"event": "leak", "route", "path", "where": "body" | "header:NAME", "form",
   "count"}``. The scan streams: only a tail that could begin a pattern waits for the next
-  read (SSE events never wait). gzip and deflate are decoded (100 MiB at most, past it
-  the connection is reset and logged with a ``note``) and sent as identity,
-  close-delimited; any other content-encoding is 502, nothing passed.
+  read (SSE events never wait); it searches with libc's memmem (ctypes), else bytes.find.
+  gzip and deflate are decoded (100 MiB at most, past it the connection is reset and
+  logged with a ``note``) and sent as identity, close-delimited; any other
+  content-encoding is 502, nothing passed.
 - Errors are fixed texts, never exception text; an answer cut short, malformed or failing
   once begun is a reset. The request log (0600) holds route, method, path without
   query, status, sizes, time, ``reused``, ``note``: no headers, keys, tokens; at most
@@ -100,6 +101,15 @@ LIMITS |= {"max_active": (1, 4096), "max_connections": (1, 65536), "upstream_por
 LIMITS |= {"log_max_bytes": (1024, 1 << 30), "handoff_fd": (3, 1 << 20)}
 # What a pooled connection the upstream closed while idle fails with, before any answer.
 _STALE = (ConnectionError, http.client.BadStatusLine, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+try:  # libc's memmem (glibc: linear time, a 2-byte-hash skip): 2-3x bytes.find on text
+    import ctypes
+
+    _MEMMEM: Any = ctypes.CDLL(None).memmem  # the loaded libc's own symbol: no file lookup
+    _MEMMEM.restype = ctypes.c_void_p
+    _MEMMEM.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t)
+except (ImportError, OSError, AttributeError):  # a python without ctypes: bytes.find, as exact
+    _MEMMEM = None
+
 if TYPE_CHECKING:  # aliases only for checkers: "int | None" fails at runtime on 3.9
     Headers = list[tuple[bytes, bytes]]
 
@@ -194,61 +204,44 @@ def leak_forms(key: bytes) -> dict[bytes, str]:
 class Leaks:
     """The leak patterns of all keys, with what a linear, streaming scan needs."""
 
-    def __init__(self, keys: list[bytes]) -> None:
+    def __init__(self, keys: list[bytes], native: bool = True) -> None:
         self.forms: dict[bytes, str] = {}
         for key in keys:
             for pattern, form in leak_forms(key).items():
                 self.forms.setdefault(pattern, form)
         self.longest = max(map(len, self.forms))
-        # Any occurrence of a pattern at least step+7 long covers one 8-byte word at a
-        # multiple of ``step``, so sampling those words against a set is a complete
-        # prefilter at C speed; exact finds run only on a hit.
-        self.step = max(8, (min(map(len, self.forms)) - 7) // 8 * 8)
-        self.short = [p for p in self.forms if len(p) < self.step + 7]
-        at = [(p, i) for p in self.forms if len(p) >= self.step + 7 for i in range(self.step)]
-        self.anchors = {int.from_bytes(p[i : i + 8], sys.byteorder) for p, i in at}
         self.firsts: dict[int, list[bytes]] = {}
         for p in self.forms:
             self.firsts.setdefault(p[0], []).append(p)
-        # CPython's find jumps a whole window when the byte after it is outside the
-        # pattern's 64-bit bloom filter (byte & 63), else steps one byte: for keys short
-        # enough that the sampling step is under 56, twice as fast as the word sampling
-        # on text, slower where data bytes collide (b"x" * n for a key holding an "8").
-        # A sample of each fill prices the finds; a sampled word costs about 10 priced
-        # steps (fitted, benchmarks/bench_scan.py). The choice is speed: both are exact.
-        # A pattern holding a byte k times cannot be in a fill with fewer copies of it;
-        # counting to k by memchr-speed finds skips most patterns' own finds on text.
+        self.memmem = _MEMMEM if native else None  # native=False: the bytes.find fallback
+        # A fill with fewer than k copies of a byte cannot hold a pattern that has k of it.
+        # Counting to (at most) 4 by memchr skips the search on fills of few distinct bytes,
+        # where memmem's 2-byte hashes can land near a pattern's end and step one byte.
         most = {p: max(set(p), key=p.count) for p in self.forms}
-        self.needs = {p: (c, p.count(c)) for p, c in most.items()}
-        self.blooms = [
-            (len(p), bytes(b & 63 in {c & 63 for c in p} for b in range(256))) for p in self.forms
-        ]
+        self.needs = {p: (c, min(4, p.count(c))) for p, c in most.items()}
 
     def mask(self, buf: bytes) -> tuple[bytes, list[str]]:
         """``buf`` with every pattern replaced by as many ``*``, and the forms found."""
         found = self.scan(out := bytearray(buf), len(buf))
         return (bytes(out) if found else buf), found
 
-    def by_find(self, buf: bytearray, end: int) -> bool:
-        """True if plain finds of every pattern are priced below the word sampling here."""
-        if self.step >= 56:  # a longer key: the sampling costs as little (see __init__)
-            return False
-        sample = buf[:end:1021] or b"\0"
-        hit = [sample.translate(table).count(1) / len(sample) for _, table in self.blooms]
-        return sum(1 / (m + 1 - m * q) for (m, _), q in zip(self.blooms, hit)) * self.step < 10
-
     def holds(self, buf: bytearray, end: int, pattern: bytes) -> bool:
-        """False if ``buf[:end]`` has fewer copies of ``pattern``'s most repeated byte."""
+        """False if ``buf[:end]`` has too few copies of ``pattern``'s most repeated byte."""
         (byte, count), at = self.needs[pattern], -1
         return all((at := buf.find(byte, at + 1, end)) >= 0 for _ in range(count))
 
+    def any_in(self, buf: bytearray, end: int) -> bool:
+        """True if some pattern occurs in ``buf[:end]``: exact, whichever search runs."""
+        end = min(end, len(buf))  # memmem never reads past the buffer
+        if end <= 0 or not self.memmem:
+            return any(self.holds(buf, end, p) and buf.find(p, 0, end) >= 0 for p in self.forms)
+        pin = ctypes.c_char.from_buffer(buf)  # while pinned, buf cannot be resized or freed
+        at = ctypes.addressof(pin)
+        return any(self.holds(buf, end, p) and self.memmem(at, end, p, len(p)) for p in self.forms)
+
     def scan(self, buf: bytearray, end: int) -> list[str]:
         """Mask every pattern in ``buf[:end]`` in place; return the forms found."""
-        suspects: Any = self.forms
-        if not self.by_find(buf, end):
-            words = memoryview(buf)[: end & ~7].cast("Q")[:: self.step // 8]
-            suspects = self.short if self.anchors.isdisjoint(words) else self.forms
-        if all(not self.holds(buf, end, p) or buf.find(p, 0, end) < 0 for p in suspects):
+        if not self.any_in(buf, end):
             return []
         seen, found = bytes(buf[:end]), []  # overlapping hits: find in the unmasked bytes
         for pattern, form in self.forms.items():
