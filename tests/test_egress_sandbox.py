@@ -14,6 +14,7 @@ import secrets
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,6 +161,26 @@ def test_key_proxy_upstream_goes_through_egress_to_the_pinned_domain_only(
     assert [(d["host"], d["listener"]) for d in allowed] == [("api.anthropic.com", "keys")]
     # The agent itself may not use that domain directly: it is the proxy's, not the agent's.
     assert "api.anthropic.com" not in sb.config.egress.agent_allowlist()
+
+
+def test_key_proxy_holds_its_upstream_socket_and_the_log_counts_the_bytes(
+    vault: Any, random_key: str, fake_upstream: Any, sandbox_factory: Any
+) -> None:
+    """The egress proxy hands the key proxy the connected upstream socket (no relay copies
+    its bytes), and still logs the tunnel's close with the kernel's byte counts."""
+    vault.add("anthropic", random_key)
+    body = secrets.token_hex(50_000)  # no pooling: the tunnel ends with the answer
+    fake_upstream.reply("/*", body=body, headers={"connection": "close"})
+    sb = sandbox_factory(keys=["anthropic"])
+    r = sb.run('curl -sS -H "x-api-key: $ANTHROPIC_API_KEY" "$ANTHROPIC_BASE_URL/v1/messages"')
+    assert r.stdout == body, r.stderr
+    deadline, closed = time.monotonic() + 10, []
+    while not closed and time.monotonic() < deadline:
+        closed = [d for d in decisions(sb) if d["listener"] == "keys" and d["event"] == "close"]
+        time.sleep(0.2)
+    assert len(closed) == 1 and closed[0]["given"] is True
+    assert len(body) < closed[0]["bytes_down"] < len(body) + 16_384  # TLS records' overhead
+    assert 100 < closed[0]["bytes_up"] < 16_384  # the hello and the request, encrypted
 
 
 def test_registry_auto_allow_follows_pip_config_only_with_setup_command(

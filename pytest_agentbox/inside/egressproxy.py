@@ -18,9 +18,11 @@ line on stdin and print one JSON ready line. Security properties of ``serve``:
   hop-by-hop headers dropped, no bodies, no pipelining. One thread per connection, at
   most ``max_conns`` per listener, past it 503 at once; no connection's error ends the
   process. Tunnels idle out after 300 s; their bytes move by splice (recv/send where
-  refused). Limit: TLS SNI inside a tunnel is not seen.
+  refused). A ``give`` listener (the key proxy's, on its own Unix socket) passes the
+  connected upstream socket itself (SCM_RIGHTS): the tunnel lasts while the client's end
+  stays open, counted by TCP_INFO, then is shut. Limit: TLS SNI inside a tunnel is not seen.
 Config: {"listeners": [{"name", "unix": path, "mode"} or {"name", "tcp": [host, port]},
-with "allow", "deny", "max_conns"?], "ports", "pins", "private_ok", "refuse_nets",
+with "allow", "deny", "max_conns"?, "give"?], "ports", "pins", "private_ok", "refuse_nets",
 "log_path", "log_max_bytes", "max_conns"}. Ready: {"ready": true, "tcp_ports": {name: port}}.
 """
 
@@ -37,6 +39,7 @@ import os
 import re
 import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -313,6 +316,33 @@ def relay(a: socket.socket, b: socket.socket, counter: list, splice: bool = True
             os.close(fd)
 
 
+def tcp_info(sock: socket.socket) -> tuple[int, ...] | None:
+    """(ms since data sent, since data received, data bytes acked, data bytes received),
+    or None where the kernel's TCP_INFO lacks the byte counts (Linux < 4.2, gVisor)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192)
+    if len(info) < 136:
+        return None
+    acked, received = struct.unpack_from("QQ", info, 120)  # SYN and FINs count one each
+    fin_acked, fin_in = info[0] in (5, 6), info[0] in (6, 8, 9, 11)  # by the TCP state
+    return (*struct.unpack_from("I4xI", info, 44), acked - 1 - fin_acked, received - fin_in)
+
+
+def watch(conn: socket.socket, upstream: socket.socket, counter: list) -> None:
+    """For a ``give`` listener: the client (the key proxy) now holds ``upstream`` itself,
+    so no byte passes through here; its end of ``conn`` closing ends the tunnel. Idle out
+    as ``relay`` does; then count the bytes from TCP_INFO and shut the connection."""
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    try:
+        while not poller.poll(POLL * 1000):
+            if min((tcp_info(upstream) or (0, 0))[:2]) > TUNNEL_IDLE * 1000:
+                break
+        counter[0], counter[1] = (tcp_info(upstream) or (0, 0, 0, 0))[2:]
+    finally:
+        with contextlib.suppress(OSError):
+            upstream.shutdown(socket.SHUT_RDWR)  # whatever the client does with its copy
+
+
 def move(d: list, counter: list) -> None:
     """For direction ``d`` of ``relay``: read if nothing is pending, then send what is."""
     src, dst, _, eof, idx, pipe = d
@@ -345,8 +375,8 @@ def serve_one(cfg: dict, log: Log, lsn: dict, conn: socket.socket) -> None:
     """Decide and log one request, then tunnel (CONNECT) or forward (GET/HEAD) it."""
     start, counter, opened = time.monotonic(), [0, 0], False
     rec = {"event": "connect", "id": next(_IDS), "listener": lsn["name"], "method": "",
-           "host": "", "port": 0, "decision": "deny", "reason": "", "address": None,
-           "class": None, "pinned": False, "bytes_up": 0, "bytes_down": 0}  # fmt: skip
+           "host": "", "port": 0, "decision": "deny", "reason": "", "address": None, "class":
+           None, "pinned": False, "given": False, "bytes_up": 0, "bytes_down": 0}  # fmt: skip
     try:
         if conn.family != socket.AF_UNIX:  # small relayed writes meet delayed ACKs: +40 ms
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -363,6 +393,11 @@ def serve_one(cfg: dict, log: Log, lsn: dict, conn: socket.socket) -> None:
             rec.update(decision="allow", reason=reason, ms=int((time.monotonic() - start) * 1000))
             log.write(rec)  # logged when decided: an open tunnel is in the log already
             opened = True
+            if method == "CONNECT" and lsn.get("give") and not rest and tcp_info(upstream):
+                socket.send_fds(conn, [b"HTTP/1.1 200 Connection established\r\n\r\n"],
+                                [upstream.fileno()])  # fmt: skip
+                rec["given"] = True
+                return watch(conn, upstream, counter)
             if method == "CONNECT":
                 conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 upstream.sendall(rest)

@@ -19,10 +19,12 @@ Security properties:
   Buffered request bytes capped (256 MiB). No descriptor, thread or agent error ends it.
 - The whole request is checked before the upstream is contacted; one request per agent
   connection (``Connection: close``), bytes after the body are never forwarded.
-- Upstream pinned per route, TLS verified (system CAs plus ``ca_pem``), via the egress
-  CONNECT proxy's Unix socket when configured. Hop-by-hop, Host, Cookie, Accept-Encoding and the
-  agent's auth headers dropped; the key set in the route's style; identity asked for.
-  Upstream connections are pooled (``pool_max`` 8 a route, 16 in all, ``pool_idle`` 15 s), reused
+- Upstream pinned per route, TLS verified (system CAs plus ``ca_pem``; memory BIOs, one
+  receive per 256 KiB of records), via the egress CONNECT proxy's Unix socket when
+  configured (or on the upstream socket it hands over).
+  Hop-by-hop, Host, Cookie, Accept-Encoding and the agent's auth headers dropped; the key
+  set in the route's style; identity asked for. Upstream connections are pooled
+  (``pool_max`` 8 a route, 16 in all, ``pool_idle`` 15 s), reused
   only after an answer read to its exact end with no leak, cut or error, and only while
   quiet (no EOF, no stray byte); a stale one is retried for idempotent methods only.
 - The key never comes back. Response headers pass from an allowlist; every passed header
@@ -48,6 +50,7 @@ import base64
 import contextlib
 import hmac
 import http.client
+import io
 import json
 import os
 import re
@@ -674,26 +677,112 @@ class Proxy:
 
 class Tunnel(http.client.HTTPSConnection):
     """HTTPS through the egress proxy's CONNECT on its Unix socket ``via`` (this box's own
-    file system: no TCP stack on that leg)."""
+    file system): on the upstream socket it hands over, else relayed on that socket."""
 
     via = ""
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock, fds, control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), [], None
         try:
             sock.settimeout(self.timeout)
             sock.connect(self.via)
             target = f"{self.host}:{self.port}"
             sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-            head, more = b"", b"-"  # the proxy sends nothing past its answer before our hello
+            head, more = b"", b"-"  # nothing comes past the answer before our hello
             while more and not head.endswith(b"\r\n\r\n") and len(head) < HEAD_MAX:
-                head += (more := sock.recv(4096))
+                more, got, _, _ = socket.recv_fds(sock, 4096, 1)
+                head, fds = head + more, fds + got
             if head.split(b" ", 2)[1:2] != [b"200"] or not head.endswith(b"\r\n\r\n"):
                 raise ConnectionError("the egress proxy refused the tunnel")
-            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+            if fds:  # given the upstream socket itself: its bytes skip the relay's copies
+                control, sock = sock, socket.socket(fileno=fds.pop())
+                sock.settimeout(self.timeout)
+            self.sock = TLS(sock, self._context, self.host, control)
         except BaseException:
-            sock.close()
+            for end in (sock, control) if control else (sock,):
+                end.close()
             raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+class TLS:
+    """Client TLS on a plain socket through memory BIOs, as much of a socket as http.client
+    and this file use: one recv of up to 256 KiB of ciphertext feeds every record in it,
+    where an SSLSocket makes two system calls per record (16 KiB). Verified as ``ctx`` says."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, host: str, control: Any = None):
+        self.sock, self.control, self.files, self.closed = sock, control, 0, False
+        self.inc, self.out, self.raw = ssl.MemoryBIO(), ssl.MemoryBIO(), bytearray()
+        self.tls = ctx.wrap_bio(self.inc, self.out, server_hostname=host)  # checks the name
+        self.fileno, self.settimeout = sock.fileno, sock.settimeout
+        self.step(self.tls.do_handshake)
+
+    def close(self, file: bool = False) -> None:
+        """As a socket's: the descriptor closes once every file made from it is closed too
+        (http.client closes the connection before the body of a last answer is read)."""
+        self.files -= file
+        self.closed = self.closed or not file
+        if self.closed and not self.files:
+            self.sock.close()
+            if self.control:  # the egress proxy now logs the tunnel's end and shuts it
+                self.control.close()
+
+    def step(self, op: Any, *args: Any) -> Any:
+        """``op`` once it has the ciphertext it needs; what it wrote is sent first."""
+        while True:
+            try:
+                done, result = True, op(*args)
+            except ssl.SSLWantReadError:
+                done, result = False, None
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):  # its alert, if the peer still listens
+                    self.sock.sendall(self.out.read())
+                raise
+            if self.out.pending:
+                self.sock.sendall(self.out.read())
+            if done:
+                return result
+            self.raw = self.raw or bytearray(4 * BUF)  # at most this much waits in ``inc``
+            n = self.sock.recv_into(self.raw)
+            self.inc.write(memoryview(self.raw)[:n]) if n else self.inc.write_eof()
+
+    def sendall(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        for at in range(0, len(view), 4 * BUF):  # ``out`` holds one piece's records at a time
+            self.step(self.tls.write, view[at : at + 4 * BUF])
+
+    def recv_into(self, buf: Any, nbytes: int = 0) -> int:
+        try:
+            return self.step(self.tls.read, nbytes or len(buf), buf)
+        except ssl.SSLEOFError:  # EOF without close_notify ends the stream, as in ssl's default
+            return 0
+
+    def pending(self) -> int:
+        return self.tls.pending() or self.inc.pending
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        self.files += 1
+        return io.BufferedReader(_Raw(self))
+
+
+class _Raw(io.RawIOBase):
+    """What ``TLS.makefile`` buffers (http.client reads heads through it)."""
+
+    def __init__(self, tls: TLS) -> None:
+        self.tls = tls
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        return self.tls.recv_into(buf)
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self.tls.close(file=True)
 
 
 def allowed_headers(resp: http.client.HTTPResponse, decoding: bool) -> list[tuple[str, str]]:

@@ -186,9 +186,11 @@ def _config(
                           "allow": list(agent_allow), "deny": deny})  # fmt: skip
     if routes:  # the key proxy's own way out: its pinned domains and nothing else
         domains = sorted({r["domain"] for r in routes})
-        # On this box's own file system: no agent-side mount holds it, no TCP on this leg.
+        # On this box's own file system: no agent-side mount holds it.
+        # "give": the key proxy gets the checked upstream socket itself, so no relay copies
+        # the bytes it decrypts and scans anyway (a socket only our own code ever holds).
         listeners.append({"name": "keys", "unix": KEYS_EGRESS_SOCKET, "allow": domains,
-                          "deny": deny, "max_conns": 64})  # fmt: skip
+                          "deny": deny, "max_conns": 64, "give": True})  # fmt: skip
     egress = {
         "listeners": listeners,
         "ports": [80, 443],
