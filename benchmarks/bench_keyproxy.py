@@ -24,7 +24,7 @@ request.
 
 Ceiling (same run): the key proxy's own work on this machine, in one process on the host
 with no container: a loopback TLS server sends the same body; the reader does what the
-key proxy does per byte (its own reader filling one buffer from TLS, the in-place leak
+key proxy does per byte (its TLS and reader filling one buffer, the in-place leak
 scan with a random key of the bench's shape, one send to a drained socket pair), and
 again without the scan. No proxied figure can beat it: it bounds the streaming ratio.
 
@@ -163,8 +163,9 @@ def ceiling(size: int, rounds: int, block: bytes) -> dict[str, float]:
             for name, speeds in out.items():
                 a, b = socket.socketpair()
                 threading.Thread(target=drain, args=(b,), daemon=True).start()
-                up = http.client.HTTPSConnection("127.0.0.1", listener.getsockname()[1],
-                                                 context=client_ctx)  # fmt: skip
+                up = http.client.HTTPConnection("127.0.0.1")
+                raw = socket.create_connection(listener.getsockname())
+                up.sock = keyproxy.TLS(raw, client_ctx, "127.0.0.1")  # the key proxy's TLS
                 up.request("GET", "/")
                 resp, started = up.getresponse(), time.perf_counter()
                 # The key proxy's own body loop (Proxy.relay), no client.
