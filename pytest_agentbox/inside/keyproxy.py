@@ -695,7 +695,8 @@ class Tunnel(http.client.HTTPSConnection):
             if head.split(b" ", 2)[1:2] != [b"200"] or not head.endswith(b"\r\n\r\n"):
                 raise ConnectionError("the egress proxy refused the tunnel")
             if fds:  # given the upstream socket itself: its bytes skip the relay's copies
-                control, sock = sock, socket.socket(fileno=fds.pop())
+                control, sock = sock, socket.socket(fileno=fds[0])
+                del fds[0]  # owned by sock now; the finally closes only what is not
                 sock.settimeout(self.timeout)
             self.sock = TLS(sock, self._context, self.host, control)
         except BaseException:
