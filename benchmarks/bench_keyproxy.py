@@ -8,10 +8,11 @@ Docker network, nothing leaves the machine). A stdlib client INSIDE the sandbox 
 each batch in one ``sandbox.run`` and prints per-request times, so docker exec is never
 counted:
 
-- direct:  ``https://api.openai.com/...`` via ``$HTTPS_PROXY`` (forwarder -> sidecar ->
-  upstream) with the test CA, a new connection per request;
-- proxied: ``http://127.0.0.1:PORT/v1/...`` through the key proxy, which itself goes
-  through the same egress path (one request per connection by design).
+- direct:  ``https://api.openai.com/...`` via ``$HTTPS_PROXY`` (the sidecar's egress
+  proxy, which relays to the upstream) with the test CA, a new connection per request;
+- proxied: ``http://127.0.0.1:PORT/v1/...`` through the key proxy, whose upstream
+  connection the same egress proxy checks and then hands over (one request per agent
+  connection by design).
 
 Rounds alternate the order of the two so noise hits both alike. Streaming: a 50 MB
 body (``body_size``) each way, MB/s: ``uniform`` is ``b"x"`` repeated (the transport's
