@@ -6,8 +6,9 @@ Both sandboxes fetch from the same local fake upstream (internal Docker network,
 nothing leaves the machine) with a stdlib client run INSIDE the sandbox (one
 ``sandbox.run`` per batch, so docker exec is never counted):
 
-- egress: the filtered path, sandbox -> forwarder (127.0.0.1) -> Unix socket ->
-  sidecar proxy -> upstream, via ``$HTTPS_PROXY``;
+- egress: the filtered path, sandbox -> 127.0.0.1 (a listener handed to the sidecar's
+  egress proxy; relayed through a root forwarder only where the handoff is refused) ->
+  upstream, via ``$HTTPS_PROXY``;
 - direct: a ``network_unrestricted`` sandbox attached to the upstream's network,
   dialling ``api.openai.com:443`` itself.
 
