@@ -7,11 +7,14 @@ import json
 from typing import Any
 
 import pytest
+import trustme
 from conftest import as_root, inspect_box
 from test_isolation_sandbox import key_forms
 
 from pytest_agentbox.backends.docker import engine
 from pytest_agentbox.backends.docker.fakeupstream import header
+from pytest_agentbox.policy.egress import compute_policy
+from pytest_agentbox.policy.manifest import KeyRoute
 
 # A raw HTTP client run inside the sandbox: sends exactly the bytes given, prints the
 # status line and the headers it got back (so framing checks are not softened by a
@@ -275,6 +278,31 @@ def test_upstream_failure_is_a_generic_502(keyed: Any, fake_upstream: Any) -> No
     assert response.startswith("HTTP/1.1 502")
     assert response.endswith("Upstream connection failed")
     assert "Error" not in response and "Traceback" not in response
+
+
+def test_an_upstream_certificate_the_sidecar_does_not_trust_is_a_502_before_any_request(
+    make_sandbox: Any, fake_upstream: Any, random_key: str
+) -> None:
+    """The key proxy's TLS (memory BIOs, on the socket the egress proxy hands over) checks
+    the upstream as the context says: the fake upstream's CA left out, the handshake fails,
+    no request (so no key) reaches it, and the agent gets only the fixed 502."""
+    fake_upstream.reply("/v1/*", json_body={"ok": True})
+    route = KeyRoute(provider="openai", env_var="OPENAI_API_KEY", base_url_env="OPENAI_BASE_URL",
+                     domain="api.openai.com", auth_style="bearer", base_path="/v1",
+                     required=True)  # fmt: skip
+    policy = compute_policy(declared=[], key_domains=[route.domain], has_setup_command=False,
+                            unrestricted=False)  # fmt: skip
+    sb = make_sandbox(
+        key_routes=(route,), keys={"openai": random_key}, egress=policy,
+        egress_network=fake_upstream.network_name, egress_pins=fake_upstream.pins,
+        extra_ca_pem=trustme.CA().cert_pem.bytes().decode(),  # not the upstream's CA
+    )  # fmt: skip
+    response = raw(sb, b"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer @TOKEN@\r\n\r\n")
+    assert response.startswith("HTTP/1.1 502") and response.endswith("Upstream connection failed")
+    assert fake_upstream.requests() == []
+    decisions = sb.collect_logs()["egress decisions"]
+    given = [json.loads(line) for line in decisions.splitlines() if '"keys"' in line]
+    assert given and all(d["decision"] == "allow" for d in given)  # reached, then refused by TLS
 
 
 def test_request_log_has_no_key_token_or_query(keyed: Any) -> None:
